@@ -1,0 +1,1 @@
+"""Benchmarks, measured as ratios against peers in one run."""

@@ -1,0 +1,1 @@
+"""eBPF redirection programs (C, loaded through bcc). Arrives with the eBPF mode."""

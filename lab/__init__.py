@@ -1,0 +1,1 @@
+"""A lab of network namespaces (nodes and pods) that runs the whole mesh on one machine."""

@@ -1,0 +1,1 @@
+"""The per-node agent: workload discovery, enrollment, in-pod redirection, proxy wiring."""

@@ -1,0 +1,1 @@
+"""Identity-based L4 authorization with Istio's AuthorizationPolicy semantics."""

@@ -1,0 +1,58 @@
+"""Test tiers and the rule that root tests never silently skip in CI.
+
+Tiers are markers: ``unit`` (pure), ``inprocess`` (loopback, real TLS),
+``netns`` (root, a fresh network namespace per test) and ``e2e`` (the lab).
+Outside CI a non-root run skips ``netns``/``e2e`` tests; in CI (``CI`` set) the
+same situation is an error, because a skipped kernel test looks like a pass.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+ROOT_MARKERS = ("netns", "e2e")
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() not in ("", "0", "false")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    root_items = [i for i in items if any(i.get_closest_marker(m) for m in ROOT_MARKERS)]
+    if os.geteuid() == 0 or not root_items:
+        return
+    if _in_ci():
+        raise pytest.UsageError(
+            f"CI must run as root: {len(root_items)} namespace/e2e tests would be skipped")
+    for item in root_items:
+        item.add_marker(pytest.mark.skip(reason="needs root (runs in CI as root)"))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """In CI, a root-tier test that skipped itself (say, a missing tool) fails the run."""
+    if not _in_ci():
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter else []
+    root_skips = [r for r in skipped if any(m in r.keywords for m in ROOT_MARKERS)]
+    if root_skips:
+        names = ", ".join(r.nodeid for r in root_skips[:5])
+        print(f"\nERROR: {len(root_skips)} root/namespace tests skipped in CI: {names}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """A fresh, empty network namespace (loopback up), removed after the test."""
+    name = f"trl-t-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)

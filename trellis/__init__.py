@@ -1,0 +1,1 @@
+"""The `trellis` command: one entry point that gathers each package's subcommands."""

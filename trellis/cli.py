@@ -1,0 +1,50 @@
+"""`trellis`: gathers each package's subcommands under one command.
+
+Each package that offers commands has a ``cli.py`` with ``register(subparsers)``;
+every subcommand sets ``func(args) -> int``. A subcommand turns the errors a user
+can cause into one line on stderr and exit status 2; this dispatcher adds nothing
+but the routing, so a package's commands stay testable on their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# Order is the order `trellis --help` lists them.
+COMMAND_MODULES = (
+    "lab.cli",
+    "nodeagent.cli",
+    "identity.cli",
+    "policy.cli",
+    "bench.cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trellis", description="Trellis: a sidecarless service mesh.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:  # a missing dependency, not a missing command module
+                raise
+            continue
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The optional L7 proxy. Not built yet."""
