@@ -34,6 +34,10 @@ class Workload:
     # enrolled workloads speak HBONE, the rest are reached in plain TCP.
     enrolled: bool
     trust_domain: str = DEFAULT_TRUST_DOMAIN
+    # Path of the pod's network namespace when the source knows it (the lab and
+    # VM file mode set the annotation trellis.dev/netns); on Kubernetes the agent
+    # finds it from the pod's cgroup instead, so this stays empty.
+    netns: str = ""
 
     @property
     def identity(self) -> Identity:
