@@ -13,6 +13,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from trellis import logging as trellis_logging
+
 # Order is the order `trellis --help` lists them.
 COMMAND_MODULES = (
     "lab.cli",
@@ -40,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # JSON lines on stderr for every command; quiet (warnings) unless a
+    # long-running command raises its level with --log-level.
+    trellis_logging.install("warning")
     try:
         return int(args.func(args))
     except KeyboardInterrupt:

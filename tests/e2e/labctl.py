@@ -1,0 +1,57 @@
+"""Driving the lab from tests: the same commands a user types."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+TRELLIS = [sys.executable, "-m", "trellis"]
+
+
+def trellis(*args: str, check: bool = True, timeout: float = 120,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([*TRELLIS, *args], capture_output=True, text=True,
+                            timeout=timeout, input=input)
+    if check and result.returncode != 0:
+        raise AssertionError(f"trellis {' '.join(args)} failed ({result.returncode}):\n"
+                             f"{result.stdout}\n{result.stderr}")
+    return result
+
+
+def status() -> dict[str, Any]:
+    return json.loads(trellis("lab", "status", "--json").stdout)
+
+
+def pod(name: str) -> dict[str, Any]:
+    return next(p for p in status()["pods"] if p["name"] == name)
+
+
+def curl_json(src_pod: str, url: str, *extra: str) -> dict[str, Any]:
+    out = trellis("lab", "exec", src_pod, "--", "curl", "-sS", "--max-time", "5", *extra, url)
+    return json.loads(out.stdout)
+
+
+def in_netns(netns: str, *cmd: str, check: bool = True,
+             timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", "netns", "exec", netns, *cmd], capture_output=True, text=True,
+                          check=check, timeout=timeout)
+
+
+def node_metrics(node_netns: str) -> str:
+    return in_netns(node_netns, "curl", "-sS", "--max-time", "5",
+                    "http://127.0.0.1:15020/metrics").stdout
+
+
+def eventually(check: Callable[[], bool], *, timeout: float, interval: float = 0.1) -> float:
+    """Wait until ``check()`` holds; return how long it took (bounded by ``timeout``)."""
+    start = time.monotonic()
+    while True:
+        if check():
+            return time.monotonic() - start
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)

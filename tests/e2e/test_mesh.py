@@ -1,0 +1,239 @@
+"""The foundation, end to end: the default lab with its CA and two node agents.
+
+One lab for the module (bringing it up costs seconds); each test checks one
+acceptance point as a user would try it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.e2e.labctl import curl_json, eventually, in_netns, node_metrics, pod, status, trellis
+
+pytestmark = pytest.mark.e2e
+
+FRONTEND_PRINCIPAL = "spiffe://cluster.local/ns/demo/sa/frontend"
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    os.environ["TRELLIS_LAB_DIR"] = str(tmp_path_factory.mktemp("lab"))
+    trellis("lab", "down")
+    try:
+        trellis("lab", "up", timeout=180)
+        yield status()
+    finally:
+        trellis("lab", "down")
+        os.environ.pop("TRELLIS_LAB_DIR", None)
+
+
+def _node(lab: dict, name: str) -> dict:
+    return next(n for n in lab["nodes"] if n["name"] == name)
+
+
+def _samples(metrics_text: str, name: str) -> list[dict[str, str]]:
+    found = []
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == name:
+                found.append({**sample.labels, "_value": sample.value})
+    return found
+
+
+def test_cross_node_by_pod_ip_keeps_source_ip(lab: dict) -> None:
+    backend2, frontend1 = pod("backend-2"), pod("frontend-1")
+    answer = curl_json("frontend-1", f"http://{backend2['ip']}:8080/")
+    assert answer["pod"] == "backend-2"
+    assert answer["peer"].split(":")[0] == frontend1["ip"]
+
+
+def test_cross_node_through_service_vip(lab: dict) -> None:
+    vip = next(s["vip"] for s in lab["services"] if s["name"] == "backend")
+    frontend1 = pod("frontend-1")
+    seen = set()
+    for _ in range(4):  # round-robin over backend-1 and backend-2
+        answer = curl_json("frontend-1", f"http://{vip}:80/")
+        assert answer["peer"].split(":")[0] == frontend1["ip"]
+        seen.add(answer["pod"])
+    assert seen == {"backend-1", "backend-2"}
+
+
+def test_uplink_carries_only_tls_to_15008(lab: dict, tmp_path: Path) -> None:
+    from scapy.all import IP, TCP, Raw, rdpcap  # scapy is slow to import: only here
+
+    node1 = _node(lab, "node-1")
+    marker = f"trellis-marker-{uuid.uuid4().hex}"
+    pcap = tmp_path / "uplink.pcap"
+    capture = subprocess.Popen(
+        ["ip", "netns", "exec", node1["netns"], "tcpdump", "-i", node1["uplink"], "-U", "-n",
+         "-s", "0", "-w", str(pcap), "tcp"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        eventually(lambda: pcap.exists() and pcap.stat().st_size > 0 or capture.poll() is not None,
+                   timeout=10)
+        time.sleep(0.3)
+        backend2 = pod("backend-2")
+        answer = curl_json("frontend-1", f"http://{backend2['ip']}:8080/{marker}",
+                           "-H", f"X-Marker: {marker}", "--data", marker)
+        assert marker in answer["path"]  # the app saw it, so it did cross the uplink
+        time.sleep(0.5)
+    finally:
+        capture.terminate()
+        capture.wait(timeout=10)
+    packets = [p for p in rdpcap(str(pcap)) if p.haslayer(TCP) and p.haslayer(IP)]
+    assert packets, "the capture saw no traffic at all"
+    payloads = b"".join(bytes(p[Raw].load) for p in packets if p.haslayer(Raw))
+    assert marker.encode() not in payloads
+    ports = {(p[TCP].sport, p[TCP].dport) for p in packets}
+    pod_traffic = [pp for pp in ports if 15012 not in pp]  # CA renewals may also run
+    assert pod_traffic and all(15008 in pp for pp in pod_traffic), pod_traffic
+    # TLS application data records (content type 23, TLS 1.2 framing of TLS 1.3)
+    assert b"\x17\x03\x03" in payloads
+
+
+def test_destination_metrics_show_mutual_tls(lab: dict) -> None:
+    backend2 = pod("backend-2")
+    curl_json("frontend-1", f"http://{backend2['ip']}:8080/")
+
+    def reported() -> bool:
+        samples = _samples(node_metrics(_node(lab, "node-2")["netns"]),
+                           "istio_tcp_connections_opened_total")
+        return any(s["reporter"] == "destination"
+                   and s["source_principal"] == FRONTEND_PRINCIPAL.removeprefix("spiffe://")
+                   and s["connection_security_policy"] == "mutual_tls"
+                   and s["destination_workload"] == "backend-2" for s in samples)
+
+    eventually(reported, timeout=5)
+
+
+def test_unenrolled_pods_use_plain_tcp_both_ways(lab: dict) -> None:
+    legacy1, backend2, frontend1 = pod("legacy-1"), pod("backend-2"), pod("frontend-1")
+    assert legacy1["enrolled"] is False
+    answer = curl_json("legacy-1", f"http://{backend2['ip']}:8080/")
+    assert answer["pod"] == "backend-2"
+    assert answer["peer"].split(":")[0] == legacy1["ip"]
+    answer = curl_json("frontend-1", f"http://{legacy1['ip']}:8080/")
+    assert answer["pod"] == "legacy-1"
+    assert answer["peer"].split(":")[0] == frontend1["ip"]
+    samples = _samples(node_metrics(_node(lab, "node-2")["netns"]),
+                       "istio_tcp_connections_opened_total")
+    assert any(s["reporter"] == "destination" and s["connection_security_policy"] == "unknown"
+               and s["source_workload"] == "legacy-1" for s in samples)
+
+
+def _listening_ports(netns: str) -> set[int]:
+    out = in_netns(netns, "ss", "-Htln").stdout
+    return {int(line.split()[3].rsplit(":", 1)[1]) for line in out.splitlines() if line.strip()}
+
+
+def _our_rules(netns: str) -> bool:
+    return "TRELLIS" in in_netns(netns, "iptables-save").stdout
+
+
+def test_adding_a_pod_enrolls_it_and_removing_cleans_up(lab: dict, tmp_path: Path) -> None:
+    manifest = tmp_path / "pod.yaml"
+    manifest.write_text(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: extra-2\n  namespace: demo\n"
+        "  labels: {app: extra}\nspec:\n  nodeName: node-2\n  serviceAccountName: extra\n")
+    trellis("lab", "apply", "-f", str(manifest))
+    extra = pod("extra-2")
+    took = eventually(lambda: _our_rules(extra["netns"])
+                      and {15001, 15006, 15008} <= _listening_ports(extra["netns"]), timeout=10)
+    assert took < 3.0, f"enrollment took {took:.1f}s"
+    answer = curl_json("frontend-1", f"http://{extra['ip']}:8080/")
+    assert answer["pod"] == "extra-2"
+    # Remove the pod's enrollment label from the file's view: deleting the pod
+    # must remove rules and listeners (checked before the namespace goes away).
+    trellis("lab", "delete", "-f", str(manifest))
+    assert "extra-2" not in {p["name"] for p in status()["pods"]}
+
+
+def test_unenrolling_by_label_removes_rules_and_listeners(lab: dict, tmp_path: Path) -> None:
+    manifest = tmp_path / "pod.yaml"
+    body = ("apiVersion: v1\nkind: Pod\nmetadata:\n  name: optout-1\n  namespace: demo\n"
+            "  labels: {{app: optout{extra}}}\nspec:\n  nodeName: node-1\n"
+            "  serviceAccountName: optout\n")
+    manifest.write_text(body.format(extra=""))
+    trellis("lab", "apply", "-f", str(manifest))
+    ns = pod("optout-1")["netns"]
+    eventually(lambda: _our_rules(ns) and 15008 in _listening_ports(ns), timeout=10)
+    manifest.write_text(body.format(extra=", trellis.dev/dataplane-mode: none"))
+    trellis("lab", "apply", "-f", str(manifest))
+    eventually(lambda: not _our_rules(ns)
+               and not {15001, 15006, 15008} & _listening_ports(ns), timeout=10)
+    assert in_netns(ns, "ip", "rule").stdout.count("lookup 100") == 0
+    trellis("lab", "delete", "-f", str(manifest))
+
+
+def _csr(lab_dir: Path, node: str, identity: str, *, token: str | None = None) -> dict:
+    import json
+    import sys
+
+    if token is None:
+        token = (lab_dir / "tokens" / f"{node}.token").read_text().strip()
+    out = in_netns(f"tlab-{node}", sys.executable, "-m", "tests.e2e.csr_probe",
+                   "--ca-url", "https://198.18.0.1:15012",
+                   "--ca-root", str(lab_dir / "ca" / "root-cert.pem"),
+                   "--token", token, "--identity", identity).stdout
+    return json.loads(out)
+
+
+def test_ca_signs_only_identities_that_run_on_the_calling_node(lab: dict) -> None:
+    lab_dir = Path(os.environ["TRELLIS_LAB_DIR"])
+    signed = _csr(lab_dir, "node-1", "spiffe://cluster.local/ns/demo/sa/backend")
+    assert signed == {"signed": True, "identity": "spiffe://cluster.local/ns/demo/sa/backend"}
+    # legacy runs only on node-1: node-2 must not be able to mint it.
+    refused = _csr(lab_dir, "node-2", "spiffe://cluster.local/ns/demo/sa/legacy")
+    assert refused["signed"] is False and refused["status"] == 403
+    assert "node-2" in refused["reason"]
+    wrong_domain = _csr(lab_dir, "node-1", "spiffe://evil.example/ns/demo/sa/backend")
+    assert wrong_domain["signed"] is False and wrong_domain["status"] == 403
+    assert "trust domain" in wrong_domain["reason"]
+    no_token = _csr(lab_dir, "node-1", "spiffe://cluster.local/ns/demo/sa/backend", token="")
+    assert no_token["signed"] is False and no_token["status"] == 401
+
+
+def test_port_in_use_is_one_clear_line(lab: dict) -> None:
+    import sys
+
+    lab_dir = Path(os.environ["TRELLIS_LAB_DIR"])
+    # node-1's agent already holds 127.0.0.1:15020 in that namespace.
+    result = in_netns(
+        "tlab-node-1", sys.executable, "-m", "trellis", "agent", "run", "--node", "node-1",
+        "--workloads", str(lab_dir / "workloads.yaml"), "--ca-url", "https://198.18.0.1:15012",
+        "--ca-root", str(lab_dir / "ca" / "root-cert.pem"),
+        "--token-file", str(lab_dir / "tokens" / "node-1.token"), check=False, timeout=30)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("trellis: error:")]
+    assert len(lines) == 1, result.stderr
+    assert "--metrics" in lines[0] and "15020" in lines[0] and "in use" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_zz_down_leaves_nothing_and_up_works_again(lab: dict) -> None:
+    lab_dir = Path(os.environ["TRELLIS_LAB_DIR"])
+    pids = [int(p.read_text()) for p in (lab_dir / "pids").glob("*.pid")]
+    assert pids
+    trellis("lab", "down")
+    assert not [n for n in subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                          text=True).stdout.split() if n.startswith("tlab-")]
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or _is_zombie(pid), f"pid {pid} still runs"
+    assert not lab_dir.exists() or not any(lab_dir.iterdir())
+    trellis("lab", "up", timeout=180)
+    backend2 = pod("backend-2")
+    assert curl_json("frontend-1", f"http://{backend2['ip']}:8080/")["pod"] == "backend-2"
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except OSError:
+        return True
