@@ -1,0 +1,125 @@
+"""The node agent's reconcile loop.
+
+Level-based: on every snapshot from the source, and on a short timer, compare
+the pods that *should* be served on this node with those that *are*, and close
+the gap. A pod that failed (no certificate yet, a rule that did not apply) is
+simply not served yet, so the next pass retries it; nothing else waits on it.
+
+Per pod, enrollment runs certificate → listeners → rules, so redirected traffic
+never meets a missing listener; removal runs rules → listeners.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from nodeagent.enroll import enrolled_pods
+from nodeagent.objects import Snapshot
+from nodeagent.redirect import PodNetwork, Redirector
+from tunnel.proxy import Proxy
+from tunnel.state import Workload
+
+_log = logging.getLogger("trellis.nodeagent")
+
+
+@dataclass
+class _Served:
+    workload: Workload
+    network: PodNetwork
+
+
+@dataclass
+class Reconciler:
+    node: str
+    proxy: Proxy
+    redirector: Redirector
+    certificates: object  # identity.rotation.CertificateManager (track/untrack)
+    _served: dict[str, _Served] = field(default_factory=dict)
+    _desired: dict[str, Workload] = field(default_factory=dict)
+    _failures: dict[str, str] = field(default_factory=dict)
+    _synced: bool = False
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def not_ready_reason(self) -> str | None:
+        if not self._synced:
+            return "waiting for the first workload snapshot"
+        pending = sorted(set(self._desired) - set(self._served))
+        if pending:
+            names = ", ".join(self._desired[uid].key for uid in pending[:5])
+            return f"{len(pending)} enrolled pods not served yet: {names}"
+        return None
+
+    async def apply_snapshot(self, snapshot: Snapshot) -> None:
+        self.proxy.update_state(snapshot.state)
+        self._desired = {w.uid: w for w in enrolled_pods(snapshot.state, self.node)}
+        wanted = {w.identity for w in self._desired.values()}
+        for identity in wanted:
+            self.certificates.track(identity)  # type: ignore[attr-defined]
+        await self.reconcile()
+        self._synced = True
+
+    async def reconcile(self) -> None:
+        async with self._lock:
+            for uid in [u for u, s in self._served.items()
+                        if _changed(s.workload, self._desired.get(u))]:
+                await self._unenroll(uid)
+            missing = [w for uid, w in self._desired.items() if uid not in self._served]
+            await asyncio.gather(*(self._enroll(w) for w in missing))
+
+    async def shutdown(self, *, remove_rules: bool) -> None:
+        async with self._lock:
+            for uid in list(self._served):
+                if remove_rules:
+                    await self._unenroll(uid)
+            await self.proxy.close()
+
+    async def _enroll(self, workload: Workload) -> None:
+        if not workload.netns:
+            self._fail(workload, "no network namespace known for the pod "
+                                 "(metadata.annotations['trellis.dev/netns'])")
+            return
+        network = PodNetwork(uid=workload.uid, key=workload.key,
+                             netns_path=workload.netns, ip=workload.ip)
+        loop = asyncio.get_running_loop()
+        try:
+            await self.proxy.add_pod(workload, workload.netns)
+        except (OSError, asyncio.TimeoutError, ValueError) as exc:
+            self._fail(workload, f"listeners: {exc or 'certificate timeout'}")
+            return
+        try:
+            await loop.run_in_executor(None, self.redirector.apply, network)
+        except (OSError, ValueError) as exc:
+            await self.proxy.remove_pod(workload.uid)
+            self._fail(workload, f"redirection: {exc}")
+            return
+        self._served[workload.uid] = _Served(workload, network)
+        self._failures.pop(workload.uid, None)
+        _log.info("pod enrolled", extra={"fields": {
+            "pod": workload.key, "ip": workload.ip, "redirect": self.redirector.name}})
+
+    async def _unenroll(self, uid: str) -> None:
+        served = self._served.pop(uid)
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, self.redirector.remove, served.network)
+        except (OSError, ValueError) as exc:
+            # The namespace may already be gone with its pod; nothing is left to undo.
+            _log.warning("removing redirection failed", extra={"fields": {
+                "pod": served.workload.key, "error": str(exc)}})
+        await self.proxy.remove_pod(uid)
+        _log.info("pod unenrolled", extra={"fields": {"pod": served.workload.key}})
+
+    def _fail(self, workload: Workload, why: str) -> None:
+        # Log once per distinct reason, not on every retry tick.
+        if self._failures.get(workload.uid) != why:
+            self._failures[workload.uid] = why
+            _log.error("pod not enrolled", extra={"fields": {"pod": workload.key, "error": why}})
+
+
+def _changed(served: Workload, desired: Workload | None) -> bool:
+    if desired is None:
+        return True
+    return (served.ip, served.netns, served.identity) != (desired.ip, desired.netns,
+                                                          desired.identity)

@@ -1,0 +1,371 @@
+"""Kubernetes-style YAML documents → one typed ``Snapshot`` of the mesh.
+
+The rules, in one place:
+
+- Kinds read: ``Pod``, ``Namespace``, ``Service``, and ``AuthorizationPolicy``
+  from ``security.istio.io/*`` or ``security.trellis.dev/*`` (passed through
+  raw for the policy loader). ``kind: List`` is unpacked. Other kinds are
+  ignored, as kubectl output is full of them.
+- A bad object is skipped with one error naming kind, ``namespace/name`` and
+  the field path; everything else in the stream is kept, so one typo cannot
+  take the whole node out of the mesh.
+- A pod is enrolled when its label ``trellis.dev/dataplane-mode`` is
+  ``ambient``, or its namespace's is and the pod's is not ``none``.
+- Pod uids and ``namespace/name`` keys are unique, as are Service keys; pod IPs
+  and Service VIPs share one address space (the proxy looks both up by
+  destination). The later duplicate is the one reported and skipped.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import yaml
+
+from identity.spiffe import DEFAULT_TRUST_DOMAIN, Identity, InvalidIdentity
+from tunnel.state import AMBIENT, DATAPLANE_LABEL, NONE, MeshState, Service, ServicePort, Workload
+
+NETNS_ANNOTATION = "trellis.dev/netns"
+POLICY_GROUPS = ("security.istio.io/", "security.trellis.dev/")
+_PROTOCOLS = ("TCP", "UDP", "SCTP")
+_EMPTY: Mapping[str, str] = MappingProxyType({})
+
+
+class SourceError(Exception):
+    """A whole source is unusable (unreadable, not YAML); the message says where."""
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    state: MeshState
+    # Raw AuthorizationPolicy documents, untouched: the policy package owns their schema.
+    policies: tuple[dict[str, Any], ...] = ()
+    errors: tuple[str, ...] = ()
+    source: str = ""
+
+
+class _Bad(Exception):
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+
+
+class _Fields:
+    """Typed reads from one document; every failure names the field path."""
+
+    def __init__(self, doc: Mapping[str, Any], prefix: str = "") -> None:
+        self._doc = doc
+        self._prefix = prefix
+
+    def path(self, dotted: str) -> str:
+        return f"{self._prefix}.{dotted}" if self._prefix else dotted
+
+    def get(self, dotted: str) -> Any:
+        node: Any = self._doc
+        walked: list[str] = []
+        for part in dotted.split("."):
+            if node is None:
+                return None
+            if not isinstance(node, Mapping):
+                raise _Bad(self.path(".".join(walked)), f"expected a mapping, got {_kind(node)}")
+            node = node.get(part)
+            walked.append(part)
+        return node
+
+    def text(self, dotted: str, default: str | None = None) -> str:
+        value = self.get(dotted)
+        if value is None or value == "":
+            if default is None:
+                raise _Bad(self.path(dotted), "missing")
+            return default
+        if not isinstance(value, str):
+            raise _Bad(self.path(dotted), f"{value!r} is not a string")
+        return value
+
+    def text_map(self, dotted: str) -> Mapping[str, str]:
+        value = self.get(dotted)
+        if value is None:
+            return _EMPTY
+        if not isinstance(value, Mapping):
+            raise _Bad(self.path(dotted), f"expected a mapping, got {_kind(value)}")
+        for key, item in value.items():
+            if not isinstance(key, str) or not isinstance(item, str):
+                raise _Bad(f"{self.path(dotted)}[{key!r}]",
+                           f"{item!r} is not a string (quote it in YAML)")
+        return MappingProxyType(dict(value))
+
+    def items(self, dotted: str) -> Iterator[_Fields]:
+        value = self.get(dotted)
+        if value is None:
+            return
+        if not isinstance(value, list):
+            raise _Bad(self.path(dotted), f"expected a list, got {_kind(value)}")
+        for i, item in enumerate(value):
+            if not isinstance(item, Mapping):
+                raise _Bad(f"{self.path(dotted)}[{i}]", f"expected a mapping, got {_kind(item)}")
+            yield _Fields(item, f"{self.path(dotted)}[{i}]")
+
+
+def _kind(value: object) -> str:
+    return "nothing" if value is None else type(value).__name__
+
+
+def _ipv4(value: object, path: str) -> str:
+    # Strings only: ipaddress would also take an int, and YAML makes ints easily.
+    try:
+        if isinstance(value, str):
+            return str(ipaddress.IPv4Address(value))
+    except ValueError:
+        pass
+    raise _Bad(path, f"{value!r} is not an IPv4 address")
+
+
+def _port(value: object, path: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise _Bad(path, f"{value!r} is not a port number")
+    return value
+
+
+def _is_identity(namespace: str, service_account: str, trust_domain: str) -> bool:
+    try:
+        Identity.of(namespace, service_account, trust_domain)
+    except InvalidIdentity:
+        return False
+    return True
+
+
+def _check_names(namespace: str, service_account: str, trust_domain: str) -> None:
+    """Fail now, with a field path, rather than later when a certificate is requested."""
+    if not _is_identity(namespace, "default", trust_domain):
+        raise _Bad("metadata.namespace", f"{namespace!r} is not a valid Kubernetes name")
+    if not _is_identity(namespace, service_account, trust_domain):
+        raise _Bad("spec.serviceAccountName",
+                   f"{service_account!r} is not a valid Kubernetes name")
+
+
+@dataclass(frozen=True, slots=True)
+class _Doc:
+    where: str  # "document 3" or "document 3 items[1]", for objects without a name
+    body: Mapping[str, Any]
+
+    @property
+    def kind(self) -> object:
+        return self.body.get("kind")
+
+    def label(self) -> str:
+        meta = self.body.get("metadata")
+        name = meta.get("name") if isinstance(meta, Mapping) else None
+        ns = meta.get("namespace") if isinstance(meta, Mapping) else None
+        if not isinstance(name, str) or not name:
+            return f"{self.kind} in {self.where}"
+        if self.kind == "Namespace":
+            return f"Namespace {name}"
+        return f"{self.kind} {ns if isinstance(ns, str) and ns else 'default'}/{name}"
+
+
+def _flatten(docs: Iterable[object], errors: list[str]) -> Iterator[_Doc]:
+    for i, body in enumerate(docs, start=1):
+        if body is None:  # an empty document, e.g. a trailing '---'
+            continue
+        if not isinstance(body, Mapping):
+            errors.append(f"document {i}: expected a mapping, got {_kind(body)}")
+            continue
+        if body.get("kind") != "List":
+            yield _Doc(f"document {i}", body)
+            continue
+        items = body.get("items") or []
+        if not isinstance(items, list):
+            errors.append(f"document {i}: items: expected a list, got {_kind(items)}")
+            continue
+        for j, item in enumerate(items):
+            if isinstance(item, Mapping):
+                yield _Doc(f"document {i} items[{j}]", item)
+            else:
+                errors.append(f"document {i}: items[{j}]: expected a mapping, got {_kind(item)}")
+
+
+def _is_policy(doc: _Doc) -> bool:
+    api = doc.body.get("apiVersion")
+    return (doc.kind == "AuthorizationPolicy" and isinstance(api, str)
+            and api.startswith(POLICY_GROUPS))
+
+
+def _namespace(doc: _Doc) -> tuple[str, Mapping[str, str]]:
+    f = _Fields(doc.body)
+    return f.text("metadata.name"), f.text_map("metadata.labels")
+
+
+def _enrolled(pod_labels: Mapping[str, str], ns_labels: Mapping[str, str]) -> bool:
+    mode = pod_labels.get(DATAPLANE_LABEL)
+    if mode == AMBIENT:
+        return True
+    return mode != NONE and ns_labels.get(DATAPLANE_LABEL) == AMBIENT
+
+
+def _pod(doc: _Doc, namespaces: Mapping[str, Mapping[str, str]], trust_domain: str) -> Workload:
+    f = _Fields(doc.body)
+    name = f.text("metadata.name")
+    ns = f.text("metadata.namespace", "default")
+    labels = f.text_map("metadata.labels")
+    annotations = f.text_map("metadata.annotations")
+    sa = f.text("spec.serviceAccountName", "default")
+    _check_names(ns, sa, trust_domain)
+    raw_ip = f.get("status.podIP")
+    netns = annotations.get(NETNS_ANNOTATION, "")
+    if netns and not netns.startswith("/"):
+        raise _Bad(f"metadata.annotations[{NETNS_ANNOTATION!r}]",
+                   f"{netns!r} is not an absolute path")
+    return Workload(
+        uid=f.text("metadata.uid", f"{ns}/{name}"),
+        name=name,
+        namespace=ns,
+        node=f.text("spec.nodeName", ""),
+        # A pending pod has no IP yet: it is known, but nothing can reach it.
+        ip=_ipv4(raw_ip, "status.podIP") if raw_ip not in (None, "") else "",
+        service_account=sa,
+        labels=labels,
+        enrolled=_enrolled(labels, namespaces.get(ns, _EMPTY)),
+        trust_domain=trust_domain,
+        netns=netns,
+    )
+
+
+def _service_port(p: _Fields) -> ServicePort:
+    port = _port(p.get("port"), p.path("port"))
+    target = p.get("targetPort")
+    if target is None:
+        target = port
+    elif isinstance(target, str):
+        raise _Bad(p.path("targetPort"),
+                   f"{target!r} is a named port; only a numeric targetPort is supported")
+    protocol = p.text("protocol", "TCP")
+    if protocol not in _PROTOCOLS:
+        raise _Bad(p.path("protocol"), f"{protocol!r} is not one of {', '.join(_PROTOCOLS)}")
+    return ServicePort(port=port, target_port=_port(target, p.path("targetPort")),
+                       name=p.text("name", ""), protocol=protocol)
+
+
+def _service(doc: _Doc) -> Service:
+    f = _Fields(doc.body)
+    vip = f.get("spec.clusterIP")
+    return Service(
+        name=f.text("metadata.name"),
+        namespace=f.text("metadata.namespace", "default"),
+        # Headless services ('None') have no VIP; they still select endpoints.
+        vip="" if vip in (None, "", "None") else _ipv4(vip, "spec.clusterIP"),
+        ports=tuple(_service_port(p) for p in f.items("spec.ports")),
+        selector=f.text_map("spec.selector"),
+    )
+
+
+class _Unique:
+    """First come, first kept: a later object reusing any claimed value is reported."""
+
+    def __init__(self) -> None:
+        self._owners: dict[tuple[str, str], str] = {}
+
+    def claim(self, owner: str, claims: Iterable[tuple[str, str, str]]) -> None:
+        """``claims`` are (scope, field path, value); all are checked before any is kept,
+        so a rejected object reserves nothing."""
+        wanted = [(scope, path, value) for scope, path, value in claims if value]
+        for scope, path, value in wanted:
+            first = self._owners.get((scope, value))
+            if first is not None:
+                raise _Bad(path, f"{value!r} is already used by {first}")
+        for scope, _path, value in wanted:
+            self._owners[scope, value] = owner
+
+
+def parse_documents(docs: Iterable[object], *, source: str,
+                    trust_domain: str = DEFAULT_TRUST_DOMAIN, version: int = 0) -> Snapshot:
+    """Parse every document; never raises for bad content (see the module rules)."""
+    Identity.of("default", "default", trust_domain)  # a bad trust domain is a caller bug
+    errors: list[str] = []
+    objects = list(_flatten(docs, errors))
+    for doc in objects:
+        if doc.kind is None:
+            errors.append(f"{doc.where}: kind: missing")
+
+    namespaces: dict[str, Mapping[str, str]] = {}
+    for doc in (d for d in objects if d.kind == "Namespace"):
+        try:
+            name, labels = _namespace(doc)
+            if name in namespaces:
+                raise _Bad("metadata.name", f"{name!r} is declared twice")
+            namespaces[name] = labels
+        except _Bad as bad:
+            errors.append(f"{doc.label()}: {bad}")
+
+    workloads: list[Workload] = []
+    services: list[Service] = []
+    unique = _Unique()
+    for doc in objects:
+        try:
+            if doc.kind == "Pod":
+                pod = _pod(doc, namespaces, trust_domain)
+                # Pod IPs and Service VIPs share one scope: the proxy looks both up
+                # by destination address, so an overlap would make one unreachable.
+                unique.claim(doc.label(), [("address", "status.podIP", pod.ip),
+                                           ("uid", "metadata.uid", pod.uid),
+                                           ("pod", "metadata.name", pod.key)])
+                workloads.append(pod)
+            elif doc.kind == "Service":
+                svc = _service(doc)
+                unique.claim(doc.label(), [("address", "spec.clusterIP", svc.vip),
+                                           ("service", "metadata.name", svc.key)])
+                services.append(svc)
+        except _Bad as bad:
+            errors.append(f"{doc.label()}: {bad}")
+
+    state = MeshState(
+        workloads=tuple(workloads),
+        services=tuple(services),
+        namespace_labels=MappingProxyType(namespaces),
+        version=version,
+    )
+    policies = tuple(dict(d.body) for d in objects if _is_policy(d))
+    return Snapshot(state=state, policies=policies, errors=tuple(errors), source=source)
+
+
+def _decode(data: bytes, source: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise SourceError(f"{source}: line {line}, column {column}: not UTF-8") from err
+
+
+def parse_yaml(data: bytes | str, *, source: str, trust_domain: str = DEFAULT_TRUST_DOMAIN,
+               version: int = 0) -> Snapshot:
+    """Parse a multi-document YAML stream; bad syntax or encoding raises ``SourceError``
+    naming ``source``, line and column."""
+    text = _decode(data, source) if isinstance(data, bytes) else data
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    try:
+        docs = list(yaml.load_all(text, Loader=loader))
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        raise SourceError(f"{source}: {where}: {err.problem or err.context}") from err
+    except yaml.YAMLError as err:
+        raise SourceError(f"{source}: {err}") from err
+    return parse_documents(docs, source=source, trust_domain=trust_domain, version=version)
+
+
+def read_yaml_file(path: str | Path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as err:
+        raise SourceError(f"{path}: cannot read: {err.strerror}") from err
+
+
+def load_yaml_file(path: str | Path, *, trust_domain: str = DEFAULT_TRUST_DOMAIN,
+                   version: int = 0) -> Snapshot:
+    """Read and parse a multi-document YAML file; ``SourceError`` if it is unusable."""
+    return parse_yaml(read_yaml_file(path), source=str(path), trust_domain=trust_domain,
+                      version=version)
