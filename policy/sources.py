@@ -1,0 +1,56 @@
+"""YAML text → `Document`s, and the one-call `load_yaml` on top of the loader."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import yaml  # type: ignore[import-untyped]  # no types-PyYAML in the venv
+
+from policy.loader import (
+    DEFAULT_NAMESPACE,
+    DEFAULT_ROOT_NAMESPACE,
+    Document,
+    LoadResult,
+    load_policies,
+)
+from policy.model import Problem
+
+
+def parse_yaml(text: str, source: str) -> tuple[tuple[Document, ...], tuple[Problem, ...]]:
+    """Every document in a multi-document YAML stream, in order.
+
+    A syntax error ends the stream (YAML cannot resynchronise); the documents
+    before it are kept and the error names the line.
+    """
+    documents: list[Document] = []
+    problems: list[Problem] = []
+    try:
+        for number, body in enumerate(yaml.safe_load_all(text), start=1):
+            documents.append(Document(body, f"{source} document {number}"))
+    except yaml.YAMLError as exc:
+        problems.append(Problem(source, "", f"invalid YAML: {_one_line(exc)}"))
+    return tuple(documents), tuple(problems)
+
+
+def load_yaml(sources: Iterable[tuple[str, str]] | str, *,
+              root_namespace: str = DEFAULT_ROOT_NAMESPACE,
+              default_namespace: str = DEFAULT_NAMESPACE) -> LoadResult:
+    """Load policies from YAML: one text, or ``(source name, text)`` pairs."""
+    pairs = [("<input>", sources)] if isinstance(sources, str) else list(sources)
+    documents: list[Document] = []
+    problems: list[Problem] = []
+    for source, text in pairs:
+        parsed, errors = parse_yaml(text, source)
+        documents.extend(parsed)
+        problems.extend(errors)
+    result = load_policies(documents, root_namespace=root_namespace,
+                           default_namespace=default_namespace)
+    return LoadResult(result.policies, (*problems, *result.errors), result.warnings)
+
+
+def _one_line(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if mark is not None and problem:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(exc).split())
