@@ -1,0 +1,143 @@
+"""The processes the lab runs, as data: what to start, where, and how to tell it is ready.
+
+Keeping the list as data (not as code that starts things) is what lets the lab
+bring up only the network and the apps (``--no-mesh``), lets tests swap in their
+own commands, and keeps the command lines the CA and the node agent must accept
+in one place:
+
+    trellis ca serve --state-dir DIR/ca --listen 198.18.0.1:15012
+        --workloads DIR/workloads.yaml --node-tokens DIR/tokens/digests.json
+    trellis agent run --node NODE --workloads DIR/workloads.yaml
+        --ca-url https://198.18.0.1:15012 --ca-root DIR/ca/root-cert.pem
+        --token-file DIR/tokens/NODE.token
+    python -m lab.app --name POD --port 8080
+
+Each runs as ``ip netns exec <namespace> <python> -m …``.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+from lab.plan import APP_PORT, CA_PORT, CONTROL_ADDRESS, LabPlan, NodePlan, PodPlan
+from lab.state import LabDir
+
+METRICS_PORT = 15020
+READINESS_PORT = 15021
+# Ports the node's proxy binds inside every enrolled pod (ARCHITECTURE.md, "Ports").
+IN_POD_PORTS = ((15001, "outbound capture"), (15006, "inbound plaintext"),
+                (15008, "HBONE inbound"))
+# The CA's serving certificate always names this host, whatever address is dialled
+# (identity.ca.CA_SERVER_DNS_NAME).
+CA_SERVER_NAME = "trellis-ca"
+
+CA_NAME = "ca"
+AGENT_PREFIX = "agent-"
+
+APP_READY_SECONDS = 10.0
+CA_READY_SECONDS = 30.0
+AGENT_READY_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Ready when a GET of ``path`` answers 200 (a bare TCP connect when ``path`` is empty)."""
+
+    netns: str
+    host: str
+    port: int
+    path: str = ""
+    cafile: str | None = None  # HTTPS, verified against this root, when set
+    server_name: str = ""
+
+
+@dataclass(frozen=True)
+class Port:
+    """A port the process will bind; checked free first so a clash is one clear line."""
+
+    owner: str  # the object, as errors name it: "Pod demo/x", "Node node-1", "CA"
+    netns: str
+    port: int
+    what: str
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    name: str  # names logs/<name>.log and pids/<name>.pid
+    label: str  # names it in progress lines and errors
+    netns: str
+    argv: tuple[str, ...]  # run as `ip netns exec <netns> <argv…>`
+    ready: Probe
+    ready_seconds: float
+    ports: tuple[Port, ...] = ()
+
+
+def app_process(plan: LabPlan, pod: PodPlan, python: str = sys.executable) -> ProcessSpec:
+    return ProcessSpec(
+        name=app_name(plan, pod),
+        label=f"Pod {pod.key}: app",
+        netns=pod.netns,
+        argv=(python, "-m", "lab.app", "--name", pod.name, "--port", str(APP_PORT)),
+        # 127.0.0.1: never redirected by the mesh's rules, so this tests the app alone.
+        ready=Probe(pod.netns, "127.0.0.1", APP_PORT, "/ready"),
+        ready_seconds=APP_READY_SECONDS,
+        ports=(Port(f"Pod {pod.key}", pod.netns, APP_PORT, "app"),),
+    )
+
+
+def ca_process(plan: LabPlan, labdir: LabDir, python: str = sys.executable) -> ProcessSpec:
+    return ProcessSpec(
+        name=CA_NAME,
+        label="ca",
+        netns=plan.control_netns,
+        argv=(python, "-m", "trellis", "ca", "serve",
+              "--state-dir", str(labdir.ca),
+              "--listen", f"{CONTROL_ADDRESS}:{CA_PORT}",
+              "--workloads", str(labdir.workloads),
+              "--node-tokens", str(labdir.digests)),
+        ready=Probe(plan.control_netns, CONTROL_ADDRESS, CA_PORT, "/healthz",
+                    cafile=str(labdir.ca_root), server_name=CA_SERVER_NAME),
+        ready_seconds=CA_READY_SECONDS,
+        ports=(Port("CA", plan.control_netns, CA_PORT, "CA API"),),
+    )
+
+
+def agent_process(plan: LabPlan, node: NodePlan, labdir: LabDir,
+                  python: str = sys.executable) -> ProcessSpec:
+    pod_ports = tuple(Port(f"Pod {pod.key}", pod.netns, port, what)
+                      for pod in plan.pods_on(node.name) if pod.enrolled
+                      for port, what in IN_POD_PORTS)
+    return ProcessSpec(
+        name=agent_name(node),
+        label=f"{node.name}: agent",
+        netns=node.netns,
+        argv=(python, "-m", "trellis", "agent", "run",
+              "--node", node.name,
+              "--workloads", str(labdir.workloads),
+              "--ca-url", f"https://{CONTROL_ADDRESS}:{CA_PORT}",
+              "--ca-root", str(labdir.ca_root),
+              "--token-file", str(labdir.token(node.name))),
+        ready=Probe(node.netns, "127.0.0.1", READINESS_PORT, "/healthz/ready"),
+        ready_seconds=AGENT_READY_SECONDS,
+        ports=(Port(f"Node {node.name}", node.netns, METRICS_PORT, "metrics"),
+               Port(f"Node {node.name}", node.netns, READINESS_PORT, "readiness"),
+               *pod_ports),
+    )
+
+
+def app_name(plan: LabPlan, pod: PodPlan) -> str:
+    # From the namespace name, which is unique even when two pods share a name.
+    return "app-" + pod.netns.removeprefix(plan.prefix)
+
+
+def agent_name(node: NodePlan) -> str:
+    return f"{AGENT_PREFIX}{node.name}"
+
+
+def app_processes(plan: LabPlan) -> tuple[ProcessSpec, ...]:
+    return tuple(app_process(plan, pod) for pod in plan.pods)
+
+
+def agent_processes(plan: LabPlan, labdir: LabDir) -> tuple[ProcessSpec, ...]:
+    return tuple(agent_process(plan, node, labdir) for node in plan.nodes)
