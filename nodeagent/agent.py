@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from nodeagent.enroll import enrolled_pods
 from nodeagent.objects import Snapshot
+from nodeagent.policies import PolicyLoader
 from nodeagent.redirect import PodNetwork, Redirector
 from tunnel.proxy import Proxy
 from tunnel.state import Workload
@@ -36,6 +37,7 @@ class Reconciler:
     proxy: Proxy
     redirector: Redirector
     certificates: object  # identity.rotation.CertificateManager (track/untrack)
+    policies: PolicyLoader
     _served: dict[str, _Served] = field(default_factory=dict)
     _desired: dict[str, Workload] = field(default_factory=dict)
     _failures: dict[str, str] = field(default_factory=dict)
@@ -53,6 +55,11 @@ class Reconciler:
 
     async def apply_snapshot(self, snapshot: Snapshot) -> None:
         self.proxy.update_state(snapshot.state)
+        closed = self.proxy.update_policies(self.policies.load(snapshot.policies,
+                                                               snapshot.source))
+        if closed:
+            _log.info("policy update closed live connections", extra={"fields": {
+                "closed": closed}})
         self._desired = {w.uid: w for w in enrolled_pods(snapshot.state, self.node)}
         wanted = {w.identity for w in self._desired.values()}
         for identity in wanted:

@@ -34,6 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     run.add_argument("--metrics", default="127.0.0.1:15020", help="HOST:PORT for /metrics")
     run.add_argument("--readiness", default="0.0.0.0:15021", help="HOST:PORT for /healthz/ready")
     run.add_argument("--redirect", default="iptables", help="redirection mode: iptables")
+    run.add_argument("--root-namespace", default="trellis-system",
+                     help="policies in this namespace apply mesh-wide")
     run.add_argument("--log-level", default="info")
     run.set_defaults(func=_agent_run)
 
@@ -77,7 +79,7 @@ def _agent_run(args: argparse.Namespace) -> int:
             token_file=args.token_file,
             metrics_address=parse_hostport(args.metrics, "--metrics"),
             readiness_address=parse_hostport(args.readiness, "--readiness"),
-            redirect=args.redirect)
+            redirect=args.redirect, root_namespace=args.root_namespace)
     except ConfigError as exc:
         return _fail(str(exc))
     logging.getLogger().setLevel(args.log_level.upper())

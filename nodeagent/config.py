@@ -33,6 +33,7 @@ class AgentConfig:
     metrics_address: tuple[str, int] = ("127.0.0.1", 15020)
     readiness_address: tuple[str, int] = ("0.0.0.0", 15021)
     redirect: str = "iptables"
+    root_namespace: str = "trellis-system"
     cert_fetch_timeout_s: float = 10.0
     reconcile_interval_s: float = 1.0
 
@@ -56,4 +57,5 @@ class AgentConfig:
             "ca_url": self.ca_url, "trust_domain": self.proxy.trust_domain,
             "metrics": "%s:%d" % self.metrics_address,
             "readiness": "%s:%d" % self.readiness_address, "redirect": self.redirect,
+            "root_namespace": self.root_namespace,
         }

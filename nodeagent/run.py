@@ -14,6 +14,7 @@ from nodeagent.admin import AdminServer
 from nodeagent.agent import Reconciler
 from nodeagent.config import AgentConfig
 from nodeagent.iptables import IptablesRedirector
+from nodeagent.policies import PolicyLoader
 from nodeagent.source_file import FileSource
 from tunnel import tasks
 from tunnel.balancer import RoundRobin
@@ -48,7 +49,8 @@ async def run_agent(config: AgentConfig) -> None:
         pool=HboneConnectionPool(idle_timeout=config.proxy.pool_idle_timeout_s),
         metrics=metrics, balancer=RoundRobin())
     proxy = Proxy(inputs)
-    reconciler = Reconciler(config.node, proxy, IptablesRedirector(), certificates)
+    reconciler = Reconciler(config.node, proxy, IptablesRedirector(), certificates,
+                            PolicyLoader(config.root_namespace))
     admin = AdminServer(metrics.registry, reconciler.not_ready_reason)
     await admin.start(config.metrics_address, config.readiness_address)
     certificates.start()

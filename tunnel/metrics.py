@@ -94,6 +94,9 @@ class ProxyMetrics:
         self.pods = Gauge("trellis_enrolled_pods", "Pods this proxy serves", registry=r)
         self.hbone_connections = Gauge("trellis_hbone_pool_connections",
                                        "Open outbound HBONE connections", registry=r)
+        self.denials = Counter("trellis_policy_denials",
+                               "Inbound connections denied (or closed) by authorization",
+                               ["policy", "reason"], registry=r)
         self.connect_failures = Counter("trellis_connect_failures",
                                         "Connections that failed before any byte moved",
                                         ["direction", "reason"], registry=r)

@@ -86,7 +86,8 @@ def test_uplink_carries_only_tls_to_15008(lab: dict, tmp_path: Path) -> None:
         time.sleep(0.5)
     finally:
         capture.terminate()
-        capture.wait(timeout=10)
+        _, capture_errors = capture.communicate(timeout=10)
+    assert pcap.exists(), f"tcpdump wrote nothing: {capture_errors.decode()}"
     packets = [p for p in rdpcap(str(pcap)) if p.haslayer(TCP) and p.haslayer(IP)]
     assert packets, "the capture saw no traffic at all"
     payloads = b"".join(bytes(p[Raw].load) for p in packets if p.haslayer(Raw))

@@ -1,0 +1,708 @@
+"""asyncio adapters for HBONE: sockets and TLS in, `tunnel.hbone` events out.
+
+No protocol logic lives here. An `asyncio.Protocol` per TLS connection feeds
+the sans-IO core, dispatches its events to `HboneStream` objects and writes
+what the core queues. An `HboneStream` is a relay `Endpoint`, so `splice`
+copies between it and a TCP socket without knowing what either is.
+
+Back-pressure:
+* sending: a stream reports `writing_paused` while the core holds more than
+  `STREAM_SEND_HIGH_WATER` bytes the peer's windows do not admit yet, or while
+  the TLS transport's own buffer is past its high-water mark;
+* receiving: a paused stream keeps incoming bytes in a (copied) pending queue
+  and does not acknowledge them, so the peer runs out of window after
+  `hbone.STREAM_WINDOW` bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import ClassVar, cast
+
+from h2.errors import ErrorCodes
+
+from identity.certs import PeerIdentityError
+from identity.spiffe import Identity
+from tunnel import hbone, tasks, tls
+from tunnel.relay import (
+    WRITE_HIGH_WATER,
+    ClosedCallback,
+    DataCallback,
+    SignalCallback,
+    _ignore,
+    _ignore_closed,
+    _ignore_data,
+)
+
+log = logging.getLogger("trellis.tunnel.hbone")
+
+STREAM_SEND_HIGH_WATER = 1024 * 1024
+STREAM_SEND_LOW_WATER = STREAM_SEND_HIGH_WATER // 4
+HANDSHAKE_TIMEOUT = 10.0
+
+
+class TunnelError(Exception):
+    """Base of the errors an HBONE tunnel reports to its user."""
+
+
+class PeerIdentityMismatch(TunnelError):
+    """The server proved an identity other than the one we meant to reach."""
+
+    def __init__(self, expected: Identity, actual: Identity | None, detail: str = "") -> None:
+        super().__init__(f"expected peer {expected}, got {actual or 'no identity'}"
+                         + (f": {detail}" if detail else ""))
+        self.expected = expected
+        self.actual = actual
+
+
+class StreamRejected(TunnelError):
+    """The peer answered the CONNECT with `status` (401 denied, 400 bad request, 503 ...)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"CONNECT rejected with status {status}")
+        self.status = status
+
+
+class TunnelClosed(TunnelError):
+    """The connection or stream ended before the tunnel opened; `reason` says how."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# ------------------------------------------------------------------ streams
+
+class HboneStream:
+    """One CONNECT tunnel as a relay `Endpoint`."""
+
+    def __init__(self, connection: _HboneConnection, stream_id: int) -> None:
+        self.on_data: DataCallback = _ignore_data
+        self.on_eof: SignalCallback = _ignore
+        self.on_closed: ClosedCallback = _ignore_closed
+        self.on_write_paused: SignalCallback = _ignore
+        self.on_write_resumed: SignalCallback = _ignore
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        self.stream_id = stream_id
+        self._conn = connection
+        self._proto = connection._proto
+        self._pending: deque[bytes] = deque()
+        self._reading_paused = True      # until spliced
+        self._buffer_paused = False      # the core holds too much unsent data
+        self._remote_ended = False
+        self._eof_delivered = False
+        self._local_ended = False
+        self._closed = False
+        self._closed_error: str | None = None
+
+    @property
+    def writing_paused(self) -> bool:
+        return self._buffer_paused or self._conn._writing_paused
+
+    @property
+    def closed_error(self) -> str | None:
+        return self._closed_error
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed
+
+    @property
+    def connection(self) -> _HboneConnection:
+        return self._conn
+
+    def write(self, data: bytes | memoryview) -> None:
+        if self._closed or self._local_ended:
+            return  # the stream is gone; on_closed already told (or will tell) why
+        self.bytes_sent += len(data)
+        try:
+            self._proto.send_data(self.stream_id, data)
+        except hbone.LocalProtocolError:
+            return  # reset by the peer in this very batch; its event follows
+        self._conn._flush()
+        if not self._buffer_paused and \
+                self._proto.buffered(self.stream_id) >= STREAM_SEND_HIGH_WATER:
+            was_paused = self.writing_paused
+            self._buffer_paused = True
+            self._conn._buffer_paused_streams[self.stream_id] = self
+            if not was_paused:
+                self.on_write_paused()
+
+    def write_eof(self) -> None:
+        if self._closed or self._local_ended:
+            return
+        self._local_ended = True
+        try:
+            self._proto.end_stream(self.stream_id)
+        except hbone.LocalProtocolError:
+            return
+        self._conn._flush()
+        self._maybe_finished()
+
+    def pause_reading(self) -> None:
+        self._reading_paused = True
+
+    def resume_reading(self) -> None:
+        if not self._reading_paused or self._closed:
+            return
+        self._reading_paused = False
+        self._drain_pending()
+        self._conn._flush()
+
+    def abort(self) -> None:
+        """Reset with CONNECT_ERROR (RFC 9113 §8.5: the proxied TCP connection failed)."""
+        self.reset(ErrorCodes.CONNECT_ERROR, "aborted")
+
+    def reset(self, error_code: int, reason: str) -> None:
+        if self._closed:
+            return
+        self._proto.reset_stream(self.stream_id, error_code)
+        self._conn._flush()
+        self._finish(reason)
+
+    def close(self) -> None:
+        """Done with the stream: a no-op once both directions ended, otherwise a reset
+        (HTTP/2 has no way to stop the peer's sending but RST_STREAM)."""
+        if self._closed:
+            return
+        if self._eof_delivered and self._local_ended:
+            self._finish(None)
+        else:
+            self.reset(ErrorCodes.CANCEL, "closed")
+
+    # called by the connection
+
+    def _data(self, data: memoryview) -> None:
+        if self._reading_paused or self._pending:
+            # Copy: a view would pin the whole TLS read it points into.
+            self._pending.append(bytes(data))
+            return
+        n = len(data)
+        self.bytes_received += n
+        self.on_data(data)
+        self._proto.acknowledge_received(self.stream_id, n)
+
+    def _ended(self) -> None:
+        self._remote_ended = True
+        if not self._pending and not self._reading_paused:
+            self._deliver_eof()
+
+    def _drain_pending(self) -> None:
+        pending = self._pending
+        while pending and not self._reading_paused:
+            data = pending.popleft()
+            n = len(data)
+            self.bytes_received += n
+            self.on_data(data)
+            self._proto.acknowledge_received(self.stream_id, n)
+        if not pending and not self._reading_paused and self._remote_ended:
+            self._deliver_eof()
+
+    def _deliver_eof(self) -> None:
+        if self._eof_delivered or self._closed:
+            return
+        self._eof_delivered = True
+        self.on_eof()
+        self._maybe_finished()
+
+    def _maybe_finished(self) -> None:
+        if self._eof_delivered and self._local_ended:
+            self._finish(None)
+
+    def _send_progress(self) -> bool:
+        """After window updates: resume writers once the core's buffer drained; True if so."""
+        if self._closed or self._proto.buffered(self.stream_id) > STREAM_SEND_LOW_WATER:
+            return self._closed
+        self._buffer_paused = False
+        if not self._conn._writing_paused:
+            self.on_write_resumed()
+        return True
+
+    def _finish(self, error: str | None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._closed_error = error
+        self._pending.clear()
+        self._conn._stream_finished(self)
+        self.on_closed(error)
+
+
+# --------------------------------------------------------------- connections
+
+class _HboneConnection(asyncio.Protocol):
+    """What client and server connections share: the TLS transport and event dispatch."""
+
+    _proto: hbone.HboneClientProtocol | hbone.HboneServerProtocol
+
+    def __init__(self, trust_domain: str) -> None:
+        self._trust_domain = trust_domain
+        self._transport: asyncio.Transport | None = None
+        self._streams: dict[int, HboneStream] = {}
+        self._buffer_paused_streams: dict[int, HboneStream] = {}
+        self._writing_paused = False
+        self._peer_identity: Identity | None = None
+        self._setup_error: BaseException | None = None
+        self._loop = asyncio.get_running_loop()
+        self._closed = self._loop.create_future()
+        self._close_reason: str | None = None
+        self.idle_since = self._loop.time()
+        self._idle = True
+        # Set by a pool: called when the last stream of this connection finished.
+        self.on_idle: Callable[[], None] | None = None
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        transport = cast(asyncio.Transport, transport)
+        self._transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        try:
+            self._check_peer(transport.get_extra_info("ssl_object"))
+        except (PeerIdentityError, PeerIdentityMismatch, TunnelClosed) as exc:
+            self._setup_error = exc
+            self._log_refused(exc)
+            transport.abort()
+            return
+        transport.write(self._proto.initiate())
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self._proto.receive_data(data)
+        except hbone.RemoteProtocolError as exc:
+            log.warning("HBONE peer %s broke the protocol: %s", self.peer_identity, exc,
+                        extra={"fields": {"peer": str(self.peer_identity)}})
+            self._flush()
+            self._shut(f"protocol error: {exc}", graceful=True)
+            return
+        handlers = self._HANDLERS
+        for event in events:
+            handlers[type(event)](self, event)
+        if self._buffer_paused_streams:
+            for stream in list(self._buffer_paused_streams.values()):
+                if stream._send_progress():
+                    del self._buffer_paused_streams[stream.stream_id]
+        self._flush()
+        self._after_events()
+
+    def eof_received(self) -> bool:
+        return False  # TLS has no half-close; let the transport close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        reason = self._close_reason or (f"connection lost: {exc}" if exc else "connection closed")
+        self._close_reason = reason
+        for stream in list(self._streams.values()):
+            stream._finish(reason)
+        if not self._closed.done():
+            self._closed.set_result(None)
+        self._connection_lost(reason)
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+        for stream in list(self._streams.values()):
+            if not stream._buffer_paused:
+                stream.on_write_paused()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        for stream in list(self._streams.values()):
+            if not stream._buffer_paused:
+                stream.on_write_resumed()
+
+    # shared API
+
+    @property
+    def peer_identity(self) -> Identity | None:
+        return self._peer_identity
+
+    @property
+    def local_address(self) -> tuple[str, int] | None:
+        return self._transport.get_extra_info("sockname") if self._transport else None
+
+    @property
+    def peer_address(self) -> tuple[str, int] | None:
+        return self._transport.get_extra_info("peername") if self._transport else None
+
+    @property
+    def active_streams(self) -> int:
+        """Streams still open in the core (including ones still flushing their tail)."""
+        return self._proto.open_streams
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed.done()
+
+    def close(self) -> None:
+        """GOAWAY, then close the TLS connection; open streams end with an error."""
+        self._shut("closed locally", graceful=True)
+
+    def abort(self) -> None:
+        """Drop the TCP connection at once, without a GOAWAY."""
+        self._shut("aborted locally", graceful=False)
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._closed)
+
+    # internals
+
+    def _flush(self) -> None:
+        data = self._proto.data_to_send()
+        if data and self._transport is not None and not self._transport.is_closing():
+            self._transport.write(data)
+
+    def _shut(self, reason: str, *, graceful: bool) -> None:
+        if self._close_reason is None:
+            self._close_reason = reason
+        if self._transport is None or self._transport.is_closing():
+            return
+        if graceful:
+            self._proto.close_connection()
+            self._flush()
+            self._transport.close()
+        else:
+            self._transport.abort()
+
+    def _stream_finished(self, stream: HboneStream) -> None:
+        self._streams.pop(stream.stream_id, None)
+        self._buffer_paused_streams.pop(stream.stream_id, None)
+        self._check_idle()
+
+    def _stream_started(self, stream: HboneStream) -> None:
+        self._streams[stream.stream_id] = stream
+        self._idle = False
+
+    def _after_events(self) -> None:
+        self._check_idle()
+
+    def _check_idle(self) -> None:
+        """On the busy → idle transition: close after a GOAWAY, else tell the pool."""
+        if self._idle or self._proto.open_streams or self._streams:
+            return
+        self._idle = True
+        self.idle_since = self._loop.time()
+        if self._proto.goaway_received or self._proto.is_terminated:
+            self._shut("peer sent GOAWAY", graceful=True)
+        elif self.on_idle is not None:
+            self.on_idle()
+
+    def _on_data(self, event: hbone.DataReceived) -> None:
+        stream = self._streams.get(event.stream_id)
+        if stream is not None:
+            stream._data(event.data)
+        else:
+            self._proto.acknowledge_received(event.stream_id, event.flow_controlled_length)
+
+    def _on_ended(self, event: hbone.StreamEnded) -> None:
+        stream = self._streams.get(event.stream_id)
+        if stream is not None:
+            stream._ended()
+
+    def _on_reset(self, event: hbone.StreamReset) -> None:
+        stream = self._streams.get(event.stream_id)
+        if stream is not None:
+            stream._finish(f"stream reset by peer: {_code_name(event.error_code)}")
+
+    def _on_terminated(self, event: hbone.ConnectionTerminated) -> None:
+        detail = f"GOAWAY {_code_name(event.error_code)} {event.reason}".strip()
+        if event.error_code != ErrorCodes.NO_ERROR:
+            self._shut(detail, graceful=False)
+        elif self._close_reason is None:
+            self._close_reason = detail
+
+    def _ignore_event(self, event: hbone.Event) -> None:
+        pass
+
+    _HANDLERS: ClassVar[dict[type, Callable[..., None]]] = {
+        hbone.DataReceived: _on_data,
+        hbone.StreamEnded: _on_ended,
+        hbone.StreamReset: _on_reset,
+        hbone.ConnectionTerminated: _on_terminated,
+    }
+
+    def _check_peer(self, ssl_object: ssl.SSLObject | None) -> None:
+        if ssl_object is None:
+            raise TunnelClosed("HBONE needs TLS")
+        if ssl_object.selected_alpn_protocol() != tls.ALPN:
+            raise TunnelClosed(f"peer did not negotiate ALPN {tls.ALPN!r}")
+        self._peer_identity = tls.peer_identity(ssl_object, self._trust_domain)
+
+    def _log_refused(self, exc: BaseException) -> None:
+        pass
+
+    def _connection_lost(self, reason: str) -> None:
+        pass
+
+
+def _code_name(code: int) -> str:
+    try:
+        return ErrorCodes(code).name
+    except ValueError:
+        return str(code)
+
+
+class HboneConnection(_HboneConnection):
+    """Client side: one TLS + HTTP/2 connection to a peer's port 15008, many streams."""
+
+    _proto: hbone.HboneClientProtocol
+
+    def __init__(self, trust_domain: str, expected_peer: Identity) -> None:
+        super().__init__(trust_domain)
+        self._proto = hbone.HboneClientProtocol()
+        self._expected_peer = expected_peer
+        self._ready = self._loop.create_future()
+        self._opening: dict[int, asyncio.Future[None]] = {}
+        self._slot_waiters: deque[asyncio.Future[None]] = deque()
+
+    @classmethod
+    async def connect(cls, sock: socket.socket, address: tuple[str, int],
+                      ssl_context: ssl.SSLContext, expected_peer: Identity, *,
+                      trust_domain: str, connect_timeout: float) -> HboneConnection:
+        """Connect the caller's unconnected non-blocking `sock` (created in the source pod's
+        namespace, marked) and speak HBONE over it.
+
+        Returns once TLS is up, the server proved `expected_peer` and its SETTINGS
+        arrived (so it accepted our certificate). `sock` is closed on failure.
+        Raises PeerIdentityMismatch, TunnelClosed, ssl.SSLError, OSError or TimeoutError.
+        """
+        loop = asyncio.get_running_loop()
+        conn: HboneConnection | None = None
+        try:
+            async with asyncio.timeout(connect_timeout):
+                await loop.sock_connect(sock, address)
+                _, conn = await loop.create_connection(
+                    lambda: cls(trust_domain, expected_peer), sock=sock, ssl=ssl_context,
+                    server_hostname="", ssl_handshake_timeout=connect_timeout)
+                if conn._setup_error is not None:
+                    raise conn._setup_error
+                await asyncio.shield(conn._ready)
+        except BaseException:
+            if conn is not None:  # the transport owns the socket now
+                conn._shut("connect failed", graceful=False)
+            else:
+                sock.close()
+            raise
+        return conn
+
+    @property
+    def available_streams(self) -> int:
+        if not self.is_usable:
+            return 0
+        return max(0, self._proto.available_streams - len(self._slot_waiters))
+
+    @property
+    def is_usable(self) -> bool:
+        return (self._ready.done() and not self._ready.cancelled()
+                and self._ready.exception() is None and self._close_reason is None
+                and not self._proto.goaway_received and not self._proto.is_terminated
+                and self._transport is not None and not self._transport.is_closing())
+
+    async def open_stream(self, authority: str, headers: list[tuple[str, str]]) -> HboneStream:
+        """CONNECT to `authority`; returns the open tunnel or raises StreamRejected(status) /
+        TunnelClosed. Waits for a free slot if all are in use."""
+        while self._proto.available_streams <= 0:
+            if not self.is_usable:
+                raise TunnelClosed(self._close_reason or "connection is not usable")
+            waiter = self._loop.create_future()
+            self._slot_waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._slot_waiters:
+                    self._slot_waiters.remove(waiter)
+        if not self.is_usable:
+            raise TunnelClosed(self._close_reason or "connection is not usable")
+        stream_id = self._proto.open_stream(authority, headers)
+        stream = HboneStream(self, stream_id)
+        self._stream_started(stream)
+        opened = self._loop.create_future()
+        self._opening[stream_id] = opened
+        self._flush()
+        try:
+            await opened
+        except asyncio.CancelledError:
+            stream.reset(ErrorCodes.CANCEL, "cancelled while opening")
+            raise
+        finally:
+            self._opening.pop(stream_id, None)
+        return stream
+
+    # events
+
+    def _on_accepted(self, event: hbone.StreamAccepted) -> None:
+        opened = self._opening.get(event.stream_id)
+        if opened is not None and not opened.done():
+            opened.set_result(None)
+
+    def _on_rejected(self, event: hbone.StreamRejected) -> None:
+        self._fail_opening(event.stream_id, StreamRejected(event.status))
+        stream = self._streams.get(event.stream_id)
+        if stream is not None:
+            stream._finish(f"rejected with status {event.status}")
+
+    def _fail_opening(self, stream_id: int, exc: TunnelError) -> None:
+        opened = self._opening.get(stream_id)
+        if opened is not None and not opened.done():
+            opened.set_exception(exc)
+
+    _HANDLERS: ClassVar[dict[type, Callable[..., None]]] = {
+        **_HboneConnection._HANDLERS,
+        hbone.StreamAccepted: _on_accepted,
+        hbone.StreamRejected: _on_rejected,
+    }
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if not self._ready.done() and self._proto.peer_settings_received:
+            self._ready.set_result(None)
+
+    def _stream_finished(self, stream: HboneStream) -> None:
+        super()._stream_finished(stream)
+        self._fail_opening(stream.stream_id, TunnelClosed(stream.closed_error or "stream closed"))
+        self._wake_slot_waiter()
+
+    def _check_idle(self) -> None:
+        super()._check_idle()
+        self._wake_slot_waiter()
+
+    def _wake_slot_waiter(self) -> None:
+        if self._slot_waiters and (self._proto.available_streams > 0 or not self.is_usable):
+            waiter = self._slot_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _check_peer(self, ssl_object: ssl.SSLObject | None) -> None:
+        try:
+            super()._check_peer(ssl_object)
+        except PeerIdentityError as exc:
+            raise PeerIdentityMismatch(self._expected_peer, None, str(exc)) from exc
+        if self._peer_identity != self._expected_peer:
+            raise PeerIdentityMismatch(self._expected_peer, self._peer_identity)
+
+    def _connection_lost(self, reason: str) -> None:
+        if not self._ready.done():
+            self._ready.set_exception(TunnelClosed(reason))
+            self._ready.exception()  # retrieved: connect() may be gone already
+        for opened in self._opening.values():
+            if not opened.done():
+                opened.set_exception(TunnelClosed(reason))
+        while self._slot_waiters:
+            waiter = self._slot_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
+
+# ------------------------------------------------------------------- server
+
+class InboundRequest:
+    """One CONNECT received on the HBONE listener, waiting for `accept` or `reject`."""
+
+    def __init__(self, connection: _HboneServerConnection, stream: HboneStream,
+                 event: hbone.ConnectRequested) -> None:
+        self.authority = event.authority
+        self.address = event.address
+        self.headers = event.headers
+        self.stream_id = event.stream_id
+        assert connection.peer_identity is not None
+        self.peer_identity: Identity = connection.peer_identity
+        self.peer_address = connection.peer_address
+        self.local_address = connection.local_address
+        self._conn = connection
+        self._stream = stream
+        self._decided = False
+
+    @property
+    def decided(self) -> bool:
+        return self._decided
+
+    async def accept(self, headers: list[tuple[str, str]] | tuple[()] = ()) -> HboneStream:
+        """Answer 200 and return the tunnel (already closed if the client gave up meanwhile)."""
+        self._decide()
+        if not self._stream.is_closed:
+            try:
+                self._conn._proto.accept(self.stream_id, headers)
+            except hbone.LocalProtocolError as exc:
+                self._stream._finish(f"stream gone before accept: {exc}")
+            self._conn._flush()
+        return self._stream
+
+    def reject(self, status: int) -> None:
+        """Answer `status`: 401 not authorized, 400 bad request, 503 upstream unreachable."""
+        self._decide()
+        if self._stream.is_closed:
+            return
+        try:
+            self._conn._proto.reject(self.stream_id, status)
+        except hbone.LocalProtocolError:
+            pass
+        self._conn._flush()
+        self._stream._finish(f"rejected with status {status}")
+
+    def _decide(self) -> None:
+        if self._decided:
+            raise RuntimeError(f"CONNECT {self.authority} was already answered")
+        self._decided = True
+
+
+InboundHandler = Callable[[InboundRequest], Awaitable[None]]
+
+
+class _HboneServerConnection(_HboneConnection):
+    _proto: hbone.HboneServerProtocol
+
+    def __init__(self, handler: InboundHandler, trust_domain: str) -> None:
+        super().__init__(trust_domain)
+        self._proto = hbone.HboneServerProtocol()
+        self._handler = handler
+
+    def _on_connect(self, event: hbone.ConnectRequested) -> None:
+        stream = HboneStream(self, event.stream_id)
+        self._stream_started(stream)
+        request = InboundRequest(self, stream, event)
+        tasks.spawn(self._handle(request),
+                    name=f"hbone-inbound {self.peer_identity} -> {event.authority}")
+
+    async def _handle(self, request: InboundRequest) -> None:
+        try:
+            await self._handler(request)
+        finally:
+            if not request.decided:
+                log.warning("HBONE handler left CONNECT %s unanswered; rejecting with 503",
+                            request.authority)
+                request.reject(503)
+
+    def _on_refused(self, event: hbone.RequestRefused) -> None:
+        log.info("refused HBONE request from %s: %s", self.peer_identity, event.reason,
+                 extra={"fields": {"peer": str(self.peer_identity), "status": event.status}})
+
+    _HANDLERS: ClassVar[dict[type, Callable[..., None]]] = {
+        **_HboneConnection._HANDLERS,
+        hbone.ConnectRequested: _on_connect,
+        hbone.RequestRefused: _on_refused,
+    }
+
+    def _log_refused(self, exc: BaseException) -> None:
+        peer = self._transport.get_extra_info("peername") if self._transport else None
+        log.warning("refused HBONE connection from %s: %s", peer, exc,
+                    extra={"fields": {"peer_address": str(peer), "error": str(exc)}})
+
+
+async def serve_hbone(sock: socket.socket, ssl_context: ssl.SSLContext, handler: InboundHandler,
+                      *, trust_domain: str) -> asyncio.Server:
+    """Serve HBONE on `sock` (bound, listening, non-blocking). `handler` runs as a task per
+    CONNECT and must `accept()` or `reject()` it; one that does neither gets 503.
+
+    A client whose certificate does not verify fails the TLS handshake; one from
+    another trust domain is dropped with a log line. Neither reaches `handler`.
+    """
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(
+        lambda: _HboneServerConnection(handler, trust_domain), sock=sock, ssl=ssl_context,
+        ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+

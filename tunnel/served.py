@@ -1,0 +1,35 @@
+"""The proxy's view of one pod it serves, and of its live connections."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from tunnel.metrics import ConnectionLabels
+from tunnel.netns import NetnsHandle
+from tunnel.relay import SpliceHandle
+from tunnel.state import Workload
+
+
+@dataclass(eq=False)
+class LiveConnection:
+    """A connection being copied; kept so it can be closed from outside.
+
+    ``source_principal``/``source_ip``/``dest_port`` are the facts inbound
+    authorization decided on, so a policy change can re-decide it later.
+    """
+
+    direction: str
+    labels: ConnectionLabels
+    source_ip: str
+    source_principal: str | None
+    dest_port: int
+    handle: SpliceHandle | None = None
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass(eq=False)
+class ServedPod:
+    workload: Workload
+    netns: NetnsHandle
+    connections: set[LiveConnection] = field(default_factory=set)
