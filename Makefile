@@ -31,6 +31,7 @@ demo: setup
 	$(TRELLIS) lab demo
 
 test: setup
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 test-unit: setup

@@ -25,7 +25,7 @@ def _response(status: str, body: bytes, content_type: str = "text/plain") -> byt
 async def _read_path(reader: asyncio.StreamReader) -> str | None:
     try:
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError):
+    except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
         return None
     parts = head.split(b"\r\n", 1)[0].split()
     if len(parts) != 3 or parts[0] != b"GET":

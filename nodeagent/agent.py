@@ -92,7 +92,7 @@ class Reconciler:
         loop = asyncio.get_running_loop()
         try:
             await self.proxy.add_pod(workload, workload.netns)
-        except (OSError, asyncio.TimeoutError, ValueError) as exc:
+        except (TimeoutError, OSError, ValueError) as exc:
             self._fail(workload, f"listeners: {exc or 'certificate timeout'}")
             return
         try:

@@ -55,7 +55,7 @@ class AgentConfig:
         return {
             "node": self.node, "workloads_file": str(self.workloads_file),
             "ca_url": self.ca_url, "trust_domain": self.proxy.trust_domain,
-            "metrics": "%s:%d" % self.metrics_address,
-            "readiness": "%s:%d" % self.readiness_address, "redirect": self.redirect,
+            "metrics": "{}:{}".format(*self.metrics_address),
+            "readiness": "{}:{}".format(*self.readiness_address), "redirect": self.redirect,
             "root_namespace": self.root_namespace,
         }

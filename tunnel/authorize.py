@@ -8,8 +8,9 @@ way everywhere: a metric, an access-log line naming the policy.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
-from policy import ConnectionFacts, Decision, evaluate
+from policy import Action, ConnectionFacts, Decision, evaluate
 from tunnel.accesslog import ConnectionRecord, log_connection
 from tunnel.context import ProxyInputs
 from tunnel.metrics import MUTUAL_TLS, PLAINTEXT, connection_labels
@@ -30,6 +31,12 @@ def decide(inputs: ProxyInputs, destination: Workload, *, source_principal: str 
         dest_namespace=destination.namespace, dest_labels=destination.labels,
         dest_ip=destination.ip, dest_port=dest_port)
     decision = evaluate(facts, inputs.state.policies)
+    if not decision.allowed and decision.policy is None:
+        # Denied because ALLOW policies apply and none matched: name those, so
+        # the access log and the denial metric say which policies to look at.
+        allows = [p.key for p in inputs.state.policies.applicable(
+            destination.namespace, destination.labels) if p.action is Action.ALLOW]
+        decision = replace(decision, policy=",".join(allows) or None)
     if decision.audit:
         _log.info("audit policy matched", extra={"fields": {
             "pod": destination.key, "src": source_ip, "principal": source_principal,

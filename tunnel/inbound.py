@@ -9,7 +9,6 @@ is no status to send, so the connection is closed.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
 import time
@@ -68,7 +67,7 @@ async def handle_hbone(inputs: ProxyInputs, pod: ServedPod, request: InboundRequ
     try:
         app = await connect_from_pod(pod.netns, target, source_ip=source_ip,
                                      timeout=inputs.config.connect_timeout_s)
-    except (OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError) as exc:
         _app_unreachable(inputs, pod, request.authority, exc)
         request.reject(UNAVAILABLE)
         return
@@ -98,7 +97,7 @@ async def handle_plaintext(inputs: ProxyInputs, pod: ServedPod, client: TcpEndpo
     try:
         app = await connect_from_pod(pod.netns, target, source_ip=source[0],
                                      timeout=inputs.config.connect_timeout_s)
-    except (OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError) as exc:
         _app_unreachable(inputs, pod, f"{target[0]}:{target[1]}", exc)
         client.abort()
         return

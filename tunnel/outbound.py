@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import socket
 import time
@@ -101,7 +100,7 @@ async def _connect_one(inputs: ProxyInputs, pod: ServedPod, dst: Workload | None
     try:
         return await connect_from_pod(pod.netns, (ip, port),
                                       timeout=inputs.config.connect_timeout_s)
-    except (OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError) as exc:
         raise UpstreamFailed("connect_failed", f"{ip}:{port}: {exc or 'timeout'}") from exc
 
 
@@ -122,5 +121,5 @@ async def _open_hbone(inputs: ProxyInputs, pod: ServedPod, dst: Workload,
         return await conn.open_stream(f"{dst.ip}:{port}", [("forwarded", f'for="{src.ip}"')])
     except StreamRejected as exc:
         raise UpstreamFailed(f"rejected_{exc.status}", f"{dst.key}: HTTP {exc.status}") from exc
-    except (OSError, asyncio.TimeoutError, ValueError, TunnelError) as exc:
+    except (TimeoutError, OSError, ValueError, TunnelError) as exc:
         raise UpstreamFailed("hbone_connect_failed", f"{dst.key}: {exc or 'timeout'}") from exc

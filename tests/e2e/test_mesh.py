@@ -1,6 +1,6 @@
 """The foundation, end to end: the default lab with its CA and two node agents.
 
-One lab for the module (bringing it up costs seconds); each test checks one
+The lab comes from the session fixture in conftest.py; each test checks one
 acceptance point as a user would try it.
 """
 
@@ -10,7 +10,6 @@ import os
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,18 +20,6 @@ from tests.e2e.labctl import curl_json, eventually, in_netns, node_metrics, pod,
 pytestmark = pytest.mark.e2e
 
 FRONTEND_PRINCIPAL = "spiffe://cluster.local/ns/demo/sa/frontend"
-
-
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    os.environ["TRELLIS_LAB_DIR"] = str(tmp_path_factory.mktemp("lab"))
-    trellis("lab", "down")
-    try:
-        trellis("lab", "up", timeout=180)
-        yield status()
-    finally:
-        trellis("lab", "down")
-        os.environ.pop("TRELLIS_LAB_DIR", None)
 
 
 def _node(lab: dict, name: str) -> dict:
@@ -76,8 +63,8 @@ def test_uplink_carries_only_tls_to_15008(lab: dict, tmp_path: Path) -> None:
         ["ip", "netns", "exec", node1["netns"], "tcpdump", "-i", node1["uplink"], "-U", "-n",
          "-s", "0", "-w", str(pcap), "tcp"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        eventually(lambda: pcap.exists() and pcap.stat().st_size > 0 or capture.poll() is not None,
-                   timeout=10)
+        eventually(lambda: (pcap.exists() and pcap.stat().st_size > 0)
+                   or capture.poll() is not None, timeout=10)
         time.sleep(0.3)
         backend2 = pod("backend-2")
         answer = curl_json("frontend-1", f"http://{backend2['ip']}:8080/{marker}",
@@ -216,25 +203,3 @@ def test_port_in_use_is_one_clear_line(lab: dict) -> None:
     assert len(lines) == 1, result.stderr
     assert "--metrics" in lines[0] and "15020" in lines[0] and "in use" in lines[0]
     assert "Traceback" not in result.stderr
-
-
-def test_zz_down_leaves_nothing_and_up_works_again(lab: dict) -> None:
-    lab_dir = Path(os.environ["TRELLIS_LAB_DIR"])
-    pids = [int(p.read_text()) for p in (lab_dir / "pids").glob("*.pid")]
-    assert pids
-    trellis("lab", "down")
-    assert not [n for n in subprocess.run(["ip", "netns", "list"], capture_output=True,
-                                          text=True).stdout.split() if n.startswith("tlab-")]
-    for pid in pids:
-        assert not Path(f"/proc/{pid}").exists() or _is_zombie(pid), f"pid {pid} still runs"
-    assert not lab_dir.exists() or not any(lab_dir.iterdir())
-    trellis("lab", "up", timeout=180)
-    backend2 = pod("backend-2")
-    assert curl_json("frontend-1", f"http://{backend2['ip']}:8080/")["pod"] == "backend-2"
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
-    except OSError:
-        return True

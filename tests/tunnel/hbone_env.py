@@ -7,7 +7,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
+import warnings
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -25,9 +27,30 @@ TRUST_DOMAIN = "cluster.local"
 
 
 def run(main: Callable[[], Coroutine[Any, Any, T]], timeout: float = 20.0) -> T:
-    """Run `main()` on a fresh uvloop event loop, as the agent does."""
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(asyncio.wait_for(main(), timeout))
+    """Run `main()` on a fresh uvloop event loop, as the agent does.
+
+    Leaked sockets and servers fail the test. They are collected, not raised,
+    while the loop closes: with ``filterwarnings = error`` a ResourceWarning
+    raised inside uvloop's ``close()`` leaves it hanging for good, which would
+    turn any failing test (that leaks on its way out) into a stuck suite.
+    """
+    runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    try:
+        result = runner.run(asyncio.wait_for(main(), timeout))
+    except BaseException:
+        _close_quietly(runner)
+        raise
+    leaks = _close_quietly(runner)
+    assert not leaks, f"the test leaked: {leaks}"
+    return result
+
+
+def _close_quietly(runner: asyncio.Runner) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        runner.close()
+        gc.collect()
+    return [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
 
 
 def listening_socket() -> socket.socket:

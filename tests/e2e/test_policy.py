@@ -1,0 +1,219 @@
+"""Authorization in the lab: Istio AuthorizationPolicy objects, applied live."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.labctl import curl_json, eventually, in_netns, pod, trellis
+
+pytestmark = pytest.mark.e2e
+
+ALLOW_FRONTEND = """\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-frontend, namespace: demo}
+spec:
+  selector: {matchLabels: {app: backend}}
+  action: ALLOW
+  rules:
+  - from:
+    - source: {principals: ["cluster.local/ns/demo/sa/frontend"]}
+"""
+STRICT_MTLS = """\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: strict-mtls, namespace: demo}
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source: {notPrincipals: ["*"]}
+"""
+DENY_FRONTEND = """\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-frontend, namespace: demo}
+spec:
+  selector: {matchLabels: {app: backend}}
+  action: DENY
+  rules:
+  - from:
+    - source: {principals: ["cluster.local/ns/demo/sa/frontend"]}
+"""
+# Bad on purpose: a CIDR that is not one. The other policies must keep working.
+MALFORMED = """\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: broken, namespace: demo}
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source: {ipBlocks: ["10.0.0.300/8"]}
+"""
+
+
+def _write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def applied(lab: dict, tmp_path: Path) -> Iterator[list[Path]]:
+    """Policies a test applies; all deleted afterwards, whatever happened."""
+    paths: list[Path] = []
+    yield paths
+    for path in paths:
+        trellis("lab", "delete", "-f", str(path), check=False)
+
+
+def _apply(applied: list[Path], tmp_path: Path, name: str, text: str) -> None:
+    path = _write(tmp_path, name, text)
+    trellis("lab", "apply", "-f", str(path))
+    applied.append(path)
+
+
+def _reaches(src: str, dst_ip: str) -> bool:
+    result = trellis("lab", "exec", src, "--", "curl", "-sS", "--max-time", "3",
+                     f"http://{dst_ip}:8080/", check=False)
+    return result.returncode == 0 and '"pod"' in result.stdout
+
+
+def _agent_log(node: str) -> str:
+    return (Path(os.environ["TRELLIS_LAB_DIR"]) / "logs" / f"agent-{node}.log").read_text()
+
+
+def _app_syns_during(pod_ns: str, action) -> int:  # type: ignore[no-untyped-def]
+    """Count TCP SYNs to the app port on the pod's loopback while ``action`` runs.
+
+    The proxy reaches the app over the pod's ``lo``; a denied connection must
+    never get that far.
+    """
+    capture = subprocess.Popen(
+        ["ip", "netns", "exec", pod_ns, "tcpdump", "-i", "lo", "-n", "-l", "-U",
+         "tcp dst port 8080 and tcp[tcpflags] & tcp-syn != 0"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        time.sleep(1.0)  # tcpdump needs a moment before it captures
+        action()
+        time.sleep(0.5)
+    finally:
+        capture.terminate()
+        out, _ = capture.communicate(timeout=10)
+    return sum(1 for line in out.splitlines() if "IP " in line)
+
+
+def test_allow_policy_admits_only_its_principal(lab: dict, tmp_path: Path,
+                                                applied: list[Path]) -> None:
+    backend2 = pod("backend-2")
+    _apply(applied, tmp_path, "allow.yaml", ALLOW_FRONTEND)
+    eventually(lambda: not _reaches("backend-1", backend2["ip"]), timeout=5)
+    assert _reaches("frontend-1", backend2["ip"])
+    syns = _app_syns_during(backend2["netns"],
+                            lambda: _reaches("backend-1", backend2["ip"]))
+    assert syns == 0, "a denied connection reached the app"
+    denials = [json.loads(line) for line in _agent_log("node-2").splitlines()
+               if '"denied: no_allow_match"' in line]
+    assert denials and denials[-1]["policy"] == "demo/allow-frontend"
+    assert denials[-1]["src_identity"] == "spiffe://cluster.local/ns/demo/sa/backend"
+    # Deleting the policy restores access.
+    trellis("lab", "delete", "-f", str(applied.pop()))
+    eventually(lambda: _reaches("backend-1", backend2["ip"]), timeout=5)
+
+
+def test_strict_mtls_stops_plaintext_only(lab: dict, tmp_path: Path,
+                                          applied: list[Path]) -> None:
+    backend2 = pod("backend-2")
+    assert _reaches("legacy-1", backend2["ip"])
+    _apply(applied, tmp_path, "strict.yaml", STRICT_MTLS)
+    eventually(lambda: not _reaches("legacy-1", backend2["ip"]), timeout=5)
+    assert _reaches("frontend-1", backend2["ip"])
+    trellis("lab", "delete", "-f", str(applied.pop()))
+    eventually(lambda: _reaches("legacy-1", backend2["ip"]), timeout=5)
+
+
+HOLD_OPEN = """
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], 8080), timeout=30)
+s.sendall(b"GET /held HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
+s.recv(65536)
+print("open", flush=True)
+s.settimeout(30)
+try:
+    data = s.recv(65536)
+except OSError as exc:
+    data = b""
+print("closed", time.monotonic(), flush=True)
+"""
+
+
+def test_new_deny_closes_live_connection(lab: dict, tmp_path: Path,
+                                         applied: list[Path]) -> None:
+    backend2 = pod("backend-2")
+    holder = subprocess.Popen(
+        [sys.executable, "-m", "trellis", "lab", "exec", "frontend-1", "--",
+         sys.executable, "-c", HOLD_OPEN, backend2["ip"]],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "open"
+        applied_at = time.monotonic()
+        _apply(applied, tmp_path, "deny.yaml", DENY_FRONTEND)
+        closed_line = holder.stdout.readline().split()
+        assert closed_line and closed_line[0] == "closed", holder.stderr
+
+        took = float(closed_line[1]) - applied_at
+        assert took < 2.5, f"live connection closed {took:.2f}s after the policy was applied"
+    finally:
+        holder.kill()
+        holder.communicate(timeout=10)
+    log = _agent_log("node-2")
+    assert any("closing live connection" in line and "demo/deny-frontend" in line
+               for line in log.splitlines())
+
+
+def test_policy_check_agrees_with_the_lab(lab: dict, tmp_path: Path,
+                                          applied: list[Path]) -> None:
+    backend2, backend1 = pod("backend-2"), pod("backend-1")
+    path = _write(tmp_path, "allow.yaml", ALLOW_FRONTEND)
+    _apply(applied, tmp_path, "allow.yaml", ALLOW_FRONTEND)
+    eventually(lambda: not _reaches("backend-1", backend2["ip"]), timeout=5)
+    for principal, src_ip, lab_says in (
+            ("spiffe://cluster.local/ns/demo/sa/frontend", pod("frontend-1")["ip"], "ALLOW"),
+            ("spiffe://cluster.local/ns/demo/sa/backend", backend1["ip"], "DENY")):
+        out = trellis("policy", "check", "-f", str(path), "--source-principal", principal,
+                      "--source-ip", src_ip, "--dest-namespace", "demo",
+                      "--dest-labels", "app=backend", "--dest-ip", backend2["ip"],
+                      "--dest-port", "8080", "--json").stdout
+        assert json.loads(out)["decision"] == lab_says
+
+
+def test_malformed_policy_is_reported_and_others_still_enforced(
+        lab: dict, tmp_path: Path, applied: list[Path]) -> None:
+    backend2 = pod("backend-2")
+    _apply(applied, tmp_path, "mixed.yaml", MALFORMED + "---\n" + STRICT_MTLS)
+    eventually(lambda: not _reaches("legacy-1", backend2["ip"]), timeout=5)
+    assert _reaches("frontend-1", backend2["ip"])
+    eventually(lambda: "demo/broken: rules[0].from[0].source.ipBlocks[0]" in _agent_log("node-2"),
+               timeout=5)
+
+
+def test_denials_show_in_metrics(lab: dict, tmp_path: Path,
+                                           applied: list[Path]) -> None:
+    backend2 = pod("backend-2")
+    _apply(applied, tmp_path, "allow.yaml", ALLOW_FRONTEND)
+    eventually(lambda: not _reaches("backend-1", backend2["ip"]), timeout=5)
+    metrics = in_netns("tlab-node-2", "curl", "-sS", "http://127.0.0.1:15020/metrics").stdout
+    assert ('trellis_policy_denials_total{policy="demo/allow-frontend",'
+            'reason="no_allow_match"}') in metrics
+    assert 'response_flags="DENY"' in metrics
+    assert curl_json("frontend-1", f"http://{backend2['ip']}:8080/")["pod"] == "backend-2"
