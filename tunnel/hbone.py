@@ -35,7 +35,9 @@ Settings (ztunnel's values where they suit a Python receiver)
   holds at most 4 MiB per stream and 16 MiB per connection.
 * Frames: we accept up to 64 KiB and send at most 64 KiB (less if the peer
   says so). ztunnel uses 1 MiB, but h2-based receivers slow down sharply with
-  big frames, and our own streaming parser gains nothing from them.
+  big frames, and our own streaming parser gains nothing from them. Sending
+  64 KiB rather than 16 KiB frames measured ~3.7–4.6 against ~3.3–3.6 Gbit/s
+  for one loopback stream through both relays in one process.
 * Window updates go out once a quarter of a window has been consumed.
 
 Known h2 limitation: h2 closes its state machine on *any* GOAWAY (h2 issue

@@ -518,7 +518,10 @@ class HboneConnection(_HboneConnection):
                     self._slot_waiters.remove(waiter)
         if not self.is_usable:
             raise TunnelClosed(self._close_reason or "connection is not usable")
-        stream_id = self._proto.open_stream(authority, headers)
+        try:
+            stream_id = self._proto.open_stream(authority, headers)
+        except hbone.LocalProtocolError as exc:  # e.g. a GOAWAY arrived meanwhile
+            raise TunnelClosed(f"cannot open a stream: {exc}") from exc
         stream = HboneStream(self, stream_id)
         self._stream_started(stream)
         opened = self._loop.create_future()

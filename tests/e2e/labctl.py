@@ -10,6 +10,9 @@ from collections.abc import Callable
 from typing import Any
 
 TRELLIS = [sys.executable, "-m", "trellis"]
+LAB_DIR = "TRELLIS_LAB_DIR"
+LAB_PREFIX = "TRELLIS_LAB_NETNS_PREFIX"
+E2E_PREFIX = "tlab-e2e-"
 
 
 def trellis(*args: str, check: bool = True, timeout: float = 120,
@@ -39,6 +42,10 @@ def in_netns(netns: str, *cmd: str, check: bool = True,
              timeout: float = 30) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["ip", "netns", "exec", netns, *cmd], capture_output=True, text=True,
                           check=check, timeout=timeout)
+
+
+def node_netns(name: str) -> str:
+    return str(next(n["netns"] for n in status()["nodes"] if n["name"] == name))
 
 
 def node_metrics(node_netns: str) -> str:

@@ -15,7 +15,16 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.labctl import curl_json, eventually, in_netns, node_metrics, pod, status, trellis
+from tests.e2e.labctl import (
+    curl_json,
+    eventually,
+    in_netns,
+    node_metrics,
+    node_netns,
+    pod,
+    status,
+    trellis,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -116,6 +125,11 @@ def test_unenrolled_pods_use_plain_tcp_both_ways(lab: dict) -> None:
                and s["source_workload"] == "legacy-1" for s in samples)
 
 
+def _served_pods(node_netns: str) -> int:
+    samples = _samples(node_metrics(node_netns), "trellis_enrolled_pods")
+    return int(samples[0]["_value"])
+
+
 def _listening_ports(netns: str) -> set[int]:
     out = in_netns(netns, "ss", "-Htln").stdout
     return {int(line.split()[3].rsplit(":", 1)[1]) for line in out.splitlines() if line.strip()}
@@ -126,6 +140,8 @@ def _our_rules(netns: str) -> bool:
 
 
 def test_adding_a_pod_enrolls_it_and_removing_cleans_up(lab: dict, tmp_path: Path) -> None:
+    node2 = _node(lab, "node-2")["netns"]
+    served_before = _served_pods(node2)
     manifest = tmp_path / "pod.yaml"
     manifest.write_text(
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: extra-2\n  namespace: demo\n"
@@ -135,12 +151,14 @@ def test_adding_a_pod_enrolls_it_and_removing_cleans_up(lab: dict, tmp_path: Pat
     took = eventually(lambda: _our_rules(extra["netns"])
                       and {15001, 15006, 15008} <= _listening_ports(extra["netns"]), timeout=10)
     assert took < 3.0, f"enrollment took {took:.1f}s"
+    print(f"enrolled {took:.2f}s after lab apply returned")
+    assert _served_pods(node2) == served_before + 1
     answer = curl_json("frontend-1", f"http://{extra['ip']}:8080/")
     assert answer["pod"] == "extra-2"
-    # Remove the pod's enrollment label from the file's view: deleting the pod
-    # must remove rules and listeners (checked before the namespace goes away).
     trellis("lab", "delete", "-f", str(manifest))
     assert "extra-2" not in {p["name"] for p in status()["pods"]}
+    # The proxy dropped the pod: its listeners are closed with it.
+    eventually(lambda: _served_pods(node2) == served_before, timeout=5)
 
 
 def test_unenrolling_by_label_removes_rules_and_listeners(lab: dict, tmp_path: Path) -> None:
@@ -166,7 +184,7 @@ def _csr(lab_dir: Path, node: str, identity: str, *, token: str | None = None) -
 
     if token is None:
         token = (lab_dir / "tokens" / f"{node}.token").read_text().strip()
-    out = in_netns(f"tlab-{node}", sys.executable, "-m", "tests.e2e.csr_probe",
+    out = in_netns(node_netns(node), sys.executable, "-m", "tests.e2e.csr_probe",
                    "--ca-url", "https://198.18.0.1:15012",
                    "--ca-root", str(lab_dir / "ca" / "root-cert.pem"),
                    "--token", token, "--identity", identity).stdout
@@ -194,7 +212,7 @@ def test_port_in_use_is_one_clear_line(lab: dict) -> None:
     lab_dir = Path(os.environ["TRELLIS_LAB_DIR"])
     # node-1's agent already holds 127.0.0.1:15020 in that namespace.
     result = in_netns(
-        "tlab-node-1", sys.executable, "-m", "trellis", "agent", "run", "--node", "node-1",
+        node_netns("node-1"), sys.executable, "-m", "trellis", "agent", "run", "--node", "node-1",
         "--workloads", str(lab_dir / "workloads.yaml"), "--ca-url", "https://198.18.0.1:15012",
         "--ca-root", str(lab_dir / "ca" / "root-cert.pem"),
         "--token-file", str(lab_dir / "tokens" / "node-1.token"), check=False, timeout=30)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.labctl import curl_json, eventually, in_netns, pod, trellis
+from tests.e2e.labctl import curl_json, eventually, in_netns, node_netns, pod, trellis
 
 pytestmark = pytest.mark.e2e
 
@@ -212,7 +212,7 @@ def test_denials_show_in_metrics(lab: dict, tmp_path: Path,
     backend2 = pod("backend-2")
     _apply(applied, tmp_path, "allow.yaml", ALLOW_FRONTEND)
     eventually(lambda: not _reaches("backend-1", backend2["ip"]), timeout=5)
-    metrics = in_netns("tlab-node-2", "curl", "-sS", "http://127.0.0.1:15020/metrics").stdout
+    metrics = in_netns(node_netns("node-2"), "curl", "-sS", "http://127.0.0.1:15020/metrics").stdout
     assert ('trellis_policy_denials_total{policy="demo/allow-frontend",'
             'reason="no_allow_match"}') in metrics
     assert 'response_flags="DENY"' in metrics

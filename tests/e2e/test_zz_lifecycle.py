@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.labctl import curl_json, pod, trellis
+from tests.e2e.labctl import E2E_PREFIX, curl_json, pod, trellis
 
 pytestmark = pytest.mark.e2e
 
@@ -19,7 +19,7 @@ def test_down_leaves_nothing_and_up_works_again(lab: dict) -> None:
     assert pids
     trellis("lab", "down")
     assert not [n for n in subprocess.run(["ip", "netns", "list"], capture_output=True,
-                                          text=True).stdout.split() if n.startswith("tlab-")]
+                                          text=True).stdout.split() if n.startswith(E2E_PREFIX)]
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists() or _is_zombie(pid), f"pid {pid} still runs"
     assert not lab_dir.exists() or not any(lab_dir.iterdir())
