@@ -14,15 +14,25 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from nodeagent.enroll import enrolled_pods
 from nodeagent.objects import Snapshot
 from nodeagent.policies import PolicyLoader
 from nodeagent.redirect import PodNetwork, Redirector
 from tunnel.proxy import Proxy
+from identity.spiffe import Identity
 from tunnel.state import Workload
 
 _log = logging.getLogger("trellis.nodeagent")
+
+
+class CertificateTracker(Protocol):
+    """The part of identity.rotation.CertificateManager the reconciler needs."""
+
+    def track(self, identity: Identity) -> None: ...
+
+    def untrack(self, identity: Identity) -> None: ...
 
 
 @dataclass
@@ -36,11 +46,12 @@ class Reconciler:
     node: str
     proxy: Proxy
     redirector: Redirector
-    certificates: object  # identity.rotation.CertificateManager (track/untrack)
+    certificates: CertificateTracker
     policies: PolicyLoader
     _served: dict[str, _Served] = field(default_factory=dict)
     _desired: dict[str, Workload] = field(default_factory=dict)
     _failures: dict[str, str] = field(default_factory=dict)
+    _tracked: frozenset[Identity] = frozenset()
     _synced: bool = False
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -61,9 +72,14 @@ class Reconciler:
             _log.info("policy update closed live connections", extra={"fields": {
                 "closed": closed}})
         self._desired = {w.uid: w for w in enrolled_pods(snapshot.state, self.node)}
-        wanted = {w.identity for w in self._desired.values()}
-        for identity in wanted:
-            self.certificates.track(identity)  # type: ignore[attr-defined]
+        # Fetch certificates only for identities that run here, and stop
+        # renewing those that no longer do.
+        wanted = frozenset(w.identity for w in self._desired.values())
+        for identity in wanted - self._tracked:
+            self.certificates.track(identity)
+        for identity in self._tracked - wanted:
+            self.certificates.untrack(identity)
+        self._tracked = wanted
         await self.reconcile()
         self._synced = True
 

@@ -44,10 +44,11 @@ async def run_agent(config: AgentConfig) -> None:
     tls = TlsIdentities(certificates, fetch_timeout=config.cert_fetch_timeout_s)
     certificates.subscribe(tls.on_renewed)
     metrics = ProxyMetrics()
-    inputs = ProxyInputs(
-        config=config.proxy, state=StateView(), tls=tls,
-        pool=HboneConnectionPool(idle_timeout=config.proxy.pool_idle_timeout_s),
-        metrics=metrics, balancer=RoundRobin())
+    pool = HboneConnectionPool(idle_timeout=config.proxy.pool_idle_timeout_s)
+    # Read at scrape time, on the loop's thread (the admin server is async).
+    metrics.hbone_connections.set_function(pool.connection_count)
+    inputs = ProxyInputs(config=config.proxy, state=StateView(), tls=tls, pool=pool,
+                         metrics=metrics, balancer=RoundRobin())
     proxy = Proxy(inputs)
     reconciler = Reconciler(config.node, proxy, IptablesRedirector(), certificates,
                             PolicyLoader(config.root_namespace))

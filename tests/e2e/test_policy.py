@@ -173,6 +173,7 @@ def test_new_deny_closes_live_connection(lab: dict, tmp_path: Path,
 
         took = float(closed_line[1]) - applied_at
         assert took < 2.5, f"live connection closed {took:.2f}s after the policy was applied"
+        print(f"live connection closed {took:.2f}s after lab apply returned")
     finally:
         holder.kill()
         holder.communicate(timeout=10)
