@@ -16,12 +16,12 @@ import logging
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from identity.spiffe import Identity
 from nodeagent.enroll import enrolled_pods
 from nodeagent.objects import Snapshot
 from nodeagent.policies import PolicyLoader
 from nodeagent.redirect import PodNetwork, Redirector
 from tunnel.proxy import Proxy
-from identity.spiffe import Identity
 from tunnel.state import Workload
 
 _log = logging.getLogger("trellis.nodeagent")

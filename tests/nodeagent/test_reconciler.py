@@ -96,7 +96,7 @@ def snapshot(*pods: str):  # type: ignore[no-untyped-def]
 
 
 def test_enrolls_listeners_before_rules_and_only_this_nodes_pods() -> None:
-    reconciler, proxy, redirector, certs = make()
+    reconciler, proxy, _redirector, certs = make()
     assert reconciler.not_ready_reason() is not None
     asyncio.run(reconciler.apply_snapshot(snapshot(
         pod("a", "198.18.1.10"), pod("b", "198.18.2.10", node="node-2"))))
@@ -135,7 +135,7 @@ def test_opting_out_removes_rules_before_listeners_and_stops_renewal() -> None:
 
 
 def test_a_changed_pod_ip_is_re_enrolled() -> None:
-    reconciler, proxy, redirector, _ = make()
+    reconciler, proxy, _redirector, _ = make()
 
     async def scenario() -> None:
         await reconciler.apply_snapshot(snapshot(pod("a", "198.18.1.10")))
