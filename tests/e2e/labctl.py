@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import select
 import subprocess
 import sys
 import time
@@ -34,7 +36,8 @@ def pod(name: str) -> dict[str, Any]:
 
 
 def curl_json(src_pod: str, url: str, *extra: str) -> dict[str, Any]:
-    out = trellis("lab", "exec", src_pod, "--", "curl", "-sS", "--max-time", "5", *extra, url)
+    out = trellis("lab", "exec", src_pod, "--", "curl", "-sS", "--max-time", "15", *extra,
+                  url)
     return json.loads(out.stdout)
 
 
@@ -62,3 +65,20 @@ def eventually(check: Callable[[], bool], *, timeout: float, interval: float = 0
         if time.monotonic() - start > timeout:
             raise AssertionError(f"condition not met within {timeout}s")
         time.sleep(interval)
+
+
+def wait_until_listening(capture: subprocess.Popen[bytes], timeout: float = 15) -> None:
+    """tcpdump says "listening on ..." once its capture is live; wait for that line."""
+    assert capture.stderr is not None
+    # Read the raw descriptor: a buffered readline could swallow the line we
+    # wait for into its buffer, and select() would then wait for nothing.
+    fd = capture.stderr.fileno()
+    deadline = time.monotonic() + timeout
+    seen = b""
+    while b"listening on" not in seen:
+        remaining = deadline - time.monotonic()
+        ready, _, _ = select.select([fd], [], [], max(remaining, 0))
+        chunk = os.read(fd, 4096) if ready else b""
+        if not chunk:
+            raise AssertionError(f"tcpdump did not start: {seen.decode()}")
+        seen += chunk

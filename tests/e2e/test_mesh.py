@@ -24,6 +24,7 @@ from tests.e2e.labctl import (
     pod,
     status,
     trellis,
+    wait_until_listening,
 )
 
 pytestmark = pytest.mark.e2e
@@ -72,9 +73,7 @@ def test_uplink_carries_only_tls_to_15008(lab: dict, tmp_path: Path) -> None:
         ["ip", "netns", "exec", node1["netns"], "tcpdump", "-i", node1["uplink"], "-U", "-n",
          "-s", "0", "-w", str(pcap), "tcp"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        eventually(lambda: (pcap.exists() and pcap.stat().st_size > 0)
-                   or capture.poll() is not None, timeout=10)
-        time.sleep(0.3)
+        wait_until_listening(capture)
         backend2 = pod("backend-2")
         answer = curl_json("frontend-1", f"http://{backend2['ip']}:8080/{marker}",
                            "-H", f"X-Marker: {marker}", "--data", marker)
