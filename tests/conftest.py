@@ -8,6 +8,7 @@ same situation is an error, because a skipped kernel test looks like a pass.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import uuid
@@ -46,13 +47,27 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
-@pytest.fixture
-def netns() -> Iterator[str]:
-    """A fresh, empty network namespace (loopback up), removed after the test."""
-    name = f"trl-t-{uuid.uuid4().hex[:8]}"
+@contextlib.contextmanager
+def fresh_netns(prefix: str = "trl-t-") -> Iterator[str]:
+    """A new, empty network namespace (loopback up), always deleted afterwards."""
+    name = f"{prefix}{uuid.uuid4().hex[:8]}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
         subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
         yield name
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """A fresh network namespace for the test."""
+    with fresh_netns() as name:
+        yield name
+
+
+@pytest.fixture
+def peer_netns() -> Iterator[str]:
+    """A second fresh namespace, for tests that need two ends."""
+    with fresh_netns("trl-p-") as name:
+        yield name

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import uuid
-from collections.abc import Iterator
 
 import pytest
 
@@ -30,18 +28,6 @@ def connect_veth(ns_a: str, cidr_a: str, ns_b: str, cidr_b: str) -> None:
     for ns, cidr in ((ns_a, cidr_a), (ns_b, cidr_b)):
         subprocess.run(["ip", "-n", ns, "addr", "add", cidr, "dev", "eth0"], check=True)
         subprocess.run(["ip", "-n", ns, "link", "set", "eth0", "up"], check=True)
-
-
-@pytest.fixture
-def peer_netns() -> Iterator[str]:
-    """A second fresh namespace (the shared ``netns`` fixture gives only one)."""
-    name = f"trl-p-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 @pytest.fixture(name="add_stub_link")
