@@ -8,6 +8,7 @@ new handshakes pick it up, established connections keep theirs.
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable
 from typing import Protocol
 
 from identity.certs import CertBundle
@@ -47,13 +48,13 @@ class TlsIdentities:
 
     async def _context(self, identity: Identity,
                        cache: dict[Identity, tuple[CertBundle, ssl.SSLContext]],
-                       build: object) -> ssl.SSLContext:
+                       build: Callable[[CertBundle], ssl.SSLContext]) -> ssl.SSLContext:
         entry = cache.get(identity)
         if entry is not None:
             return entry[1]
         bundle = await self._provider.get(identity, self._timeout)
         entry = cache.get(identity)  # another caller may have built it meanwhile
         if entry is None:
-            entry = (bundle, build(bundle))  # type: ignore[operator]
+            entry = (bundle, build(bundle))
             cache[identity] = entry
         return entry[1]

@@ -18,7 +18,7 @@ from tunnel.context import ProxyInputs
 from tunnel.hbone_io import InboundRequest
 from tunnel.metrics import MUTUAL_TLS, PLAINTEXT, connection_labels
 from tunnel.netns import original_dst
-from tunnel.relay import TcpEndpoint
+from tunnel.relay import Endpoint, TcpEndpoint
 from tunnel.served import ServedPod
 from tunnel.session import Session, relay_session
 from tunnel.upstream import accepted_socket, connect_from_pod
@@ -55,6 +55,9 @@ async def handle_hbone(inputs: ProxyInputs, pod: ServedPod, request: InboundRequ
     # The tunnel's TCP peer is the calling pod itself: its node proxy dials from
     # inside that pod's namespace. A `forwarded` header is trusted only from a
     # waypoint, and Trellis has none yet, so it never changes the source here.
+    if request.peer_address is None:  # the tunnel's socket is already gone
+        request.reject(BAD_REQUEST)
+        return
     source_ip, source_port = request.peer_address
     principal = request.peer_identity.uri
     decision = decide(inputs, me, source_principal=principal, source_ip=source_ip,
@@ -111,7 +114,7 @@ def _app_unreachable(inputs: ProxyInputs, pod: ServedPod, target: str,
         "pod": pod.workload.key, "target": target, "error": str(exc) or "timeout"}})
 
 
-async def _deliver(inputs: ProxyInputs, pod: ServedPod, downstream, app: TcpEndpoint,  # type: ignore[no-untyped-def]
+async def _deliver(inputs: ProxyInputs, pod: ServedPod, downstream: Endpoint, app: TcpEndpoint,
                    started: float, source: tuple[str, int], target: tuple[str, int], *,
                    principal: str | None) -> None:
     me = pod.workload

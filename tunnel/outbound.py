@@ -61,7 +61,8 @@ async def handle_outbound(inputs: ProxyInputs, pod: ServedPod, client: TcpEndpoi
     await relay_session(inputs, pod, Session(
         direction="outbound", hbone=hbone, labels=labels, src_addr=src_addr, dst_addr=target,
         src_workload=src.key, dst_workload=dst.key if dst else None,
-        src_identity=src.identity.uri, dst_identity=dst.identity.uri if dst_principal else None,
+        src_identity=src.identity.uri,
+        dst_identity=dst.identity.uri if hbone and dst else None,
         dst_service=service.hostname if service else None, started=started), client, upstream)
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Callable, Coroutine, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from policy import PolicyIndex
 from tunnel import tasks
@@ -34,6 +35,12 @@ from tunnel.state import MeshState, Workload
 _log = logging.getLogger("trellis.tunnel.proxy")
 
 
+class _Listener(Protocol):
+    """What the proxy needs of a listener: asyncio's servers and HboneListener alike."""
+
+    def close(self) -> None: ...
+
+
 class PodListenError(OSError):
     """A listener could not be bound in a pod; the message names pod and port."""
 
@@ -42,7 +49,7 @@ class Proxy:
     def __init__(self, inputs: ProxyInputs) -> None:
         self.inputs = inputs
         self._pods: dict[str, ServedPod] = {}
-        self._servers: dict[str, list[asyncio.AbstractServer]] = {}
+        self._servers: dict[str, list[_Listener]] = {}
 
     @property
     def pods(self) -> Mapping[str, ServedPod]:
@@ -98,11 +105,11 @@ class Proxy:
             await self.remove_pod(uid)
         await self.inputs.pool.close_all()
 
-    async def _listen(self, pod: ServedPod) -> list[asyncio.AbstractServer]:
+    async def _listen(self, pod: ServedPod) -> list[_Listener]:
         loop = asyncio.get_running_loop()
         workload = pod.workload
         server_ctx = await self.inputs.tls.server_context(workload.identity)
-        servers: list[asyncio.AbstractServer] = []
+        servers: list[_Listener] = []
         try:
             outbound = self._bind(pod, OUTBOUND_PORT)
             servers.append(await loop.create_server(
@@ -124,7 +131,7 @@ class Proxy:
         return servers
 
     @staticmethod
-    def _bind(pod: ServedPod, port: int):  # type: ignore[no-untyped-def]
+    def _bind(pod: ServedPod, port: int) -> socket.socket:
         try:
             return listen_in(pod.netns, port, mark=PROXY_MARK)
         except OSError as exc:
