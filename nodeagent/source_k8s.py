@@ -1,0 +1,111 @@
+"""A workload source backed by the Kubernetes API server (the DaemonSet agent, the CA).
+
+It list/watches, cluster-wide: Pods (all of them: the proxy maps every pod IP to a
+workload; the agent enrolls those on its node), Namespaces (their labels enroll
+pods), Services, and ``AuthorizationPolicy`` from ``security.istio.io/v1`` and
+``security.trellis.dev/v1``. Each resource has its own ``Reflector`` (list, then
+watch from the resourceVersion, 410 → relist, backoff on failures).
+
+Service endpoints come from each Service's selector over the pod set, exactly as
+with the YAML file source (``tunnel.state``), which is the rule the EndpointSlice
+controller applies. EndpointSlices are not watched yet: they would add readiness
+and selector-less Services, and need ``MeshState`` to accept explicit endpoints.
+
+Snapshots: none until every resource has been listed once (a partial first view
+would unenroll pods whose namespace was not listed yet); after that, a burst of
+events is coalesced for ``debounce_s`` into one snapshot. The objects go through
+``nodeagent.objects.parse_documents``, the parser the YAML file uses, so the two
+sources cannot disagree on what a Pod means.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from kubernetes_asyncio import client
+
+from identity.spiffe import DEFAULT_TRUST_DOMAIN
+from nodeagent.k8s_reflector import Reflector
+from nodeagent.k8s_watch import Backoff, Resource
+from nodeagent.objects import Snapshot, parse_documents
+from tunnel import tasks
+
+log = logging.getLogger("trellis.nodeagent.source")
+
+PODS = Resource("Pod", "v1", "/api/v1/pods")
+RESOURCES = (
+    Resource("Namespace", "v1", "/api/v1/namespaces"),
+    PODS,
+    Resource("Service", "v1", "/api/v1/services"),
+    Resource("AuthorizationPolicy", "security.istio.io/v1",
+             "/apis/security.istio.io/v1/authorizationpolicies"),
+    Resource("AuthorizationPolicy", "security.trellis.dev/v1",
+             "/apis/security.trellis.dev/v1/authorizationpolicies"),
+)
+
+
+class KubernetesSource:
+    """Snapshots of the cluster as the API server reports it."""
+
+    def __init__(self, api_factory: Callable[[], client.ApiClient], *, node: str,
+                 trust_domain: str = DEFAULT_TRUST_DOMAIN, debounce_s: float = 0.1,
+                 backoff_initial_s: float = 0.5, backoff_max_s: float = 10.0,
+                 watch_timeout_s: int = 300,
+                 resources: tuple[Resource, ...] = RESOURCES) -> None:
+        if debounce_s < 0:
+            raise ValueError(f"debounce_s: {debounce_s!r} must not be negative")
+        Backoff(backoff_initial_s, backoff_max_s)  # validate now, at construction
+        self.node = node
+        self.trust_domain = trust_domain
+        self.debounce_s = debounce_s
+        self._api_factory = api_factory
+        self._backoff = (backoff_initial_s, backoff_max_s)
+        self._watch_timeout_s = watch_timeout_s
+        self._resources = resources  # the CA needs only pods (and RBAC for only those)
+        self._changed = asyncio.Event()
+        self._version = 0
+        self.reflectors: tuple[Reflector, ...] = ()
+
+    def _objects(self) -> list[dict[str, Any]]:
+        # Namespaces first is not needed by the parser, but keeps errors in a
+        # stable, readable order.
+        return [obj for r in self.reflectors for obj in r.store.objects.values()]
+
+    async def _snapshot(self) -> Snapshot:
+        objects = self._objects()  # copied on the loop; parsed off it
+        self._version += 1
+        snapshot = await asyncio.to_thread(
+            parse_documents, objects, source="kubernetes", trust_domain=self.trust_domain,
+            version=self._version)
+        for error in snapshot.errors:
+            log.warning("object skipped", extra={"fields": {"node": self.node, "error": error}})
+        log.info("workloads loaded", extra={"fields": {
+            "source": "kubernetes", "version": self._version,
+            "workloads": len(snapshot.state.workloads),
+            "services": len(snapshot.state.services), "policies": len(snapshot.policies),
+            "errors": len(snapshot.errors)}})
+        return snapshot
+
+    async def snapshots(self) -> AsyncIterator[Snapshot]:
+        api = self._api_factory()
+        self.reflectors = tuple(
+            Reflector(api, resource, on_change=self._changed.set,
+                      backoff=Backoff(*self._backoff), watch_timeout_s=self._watch_timeout_s)
+            for resource in self._resources)
+        workers = [tasks.spawn(r.run(), name=f"watch {r.path}") for r in self.reflectors]
+        try:
+            await asyncio.gather(*(r.synced.wait() for r in self.reflectors))
+            while True:
+                self._changed.clear()
+                yield await self._snapshot()
+                await self._changed.wait()
+                # Coalesce a burst (a rollout, a relist) into one snapshot.
+                await asyncio.sleep(self.debounce_s)
+        finally:
+            for worker in workers:
+                worker.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+            await api.close()

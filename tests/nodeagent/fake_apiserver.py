@@ -1,0 +1,243 @@
+"""A stand-in for the Kubernetes API server, speaking its list/watch protocol over
+real HTTP (aiohttp), for the node agent's Kubernetes source and the CA's TokenReview.
+
+What it does as the real one does:
+
+- one cluster-wide, increasing resourceVersion (etcd's revision), stamped on every
+  object it stores and on every list;
+- ``GET <collection>`` → ``{"kind": "<Kind>List", "items": [...],
+  "metadata": {"resourceVersion": RV}}`` (items without kind/apiVersion, as real lists);
+- ``GET <collection>?watch=1&resourceVersion=RV`` → a chunked stream of JSON lines,
+  every event after RV in order, then live ones; ``BOOKMARK`` events when
+  ``allowWatchBookmarks=true``; the stream ends at ``timeoutSeconds``;
+- a resourceVersion older than the kept history (``compact()``) → an ``ERROR`` event
+  carrying a 410 ``Status`` (``gone_as_http=True``: an HTTP 410 instead);
+- ``POST /apis/authentication.k8s.io/v1/tokenreviews`` against a table of tokens;
+  ``GET /api/v1/namespaces/<ns>/pods/<name>``.
+
+Test controls: ``drop_watches()`` cuts every open watch mid-stream, and ``stop()`` /
+``start()`` take the server away and bring it back on the same port with its
+state (as etcd keeps it across an API server restart).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+KINDS = {
+    "/api/v1/namespaces": "Namespace",
+    "/api/v1/pods": "Pod",
+    "/api/v1/services": "Service",
+    "/apis/discovery.k8s.io/v1/endpointslices": "EndpointSlice",
+    "/apis/security.istio.io/v1/authorizationpolicies": "AuthorizationPolicy",
+    "/apis/security.trellis.dev/v1/authorizationpolicies": "AuthorizationPolicy",
+}
+TOKENREVIEWS = "/apis/authentication.k8s.io/v1/tokenreviews"
+
+
+@dataclass
+class _Event:
+    rv: int
+    collection: str
+    type: str
+    obj: dict[str, Any]
+
+
+@dataclass
+class FakeApiServer:
+    token: str = "test-token"  # the bearer token every request must carry
+    gone_as_http: bool = False
+    bookmark_interval_s: float = 0.2
+    port: int = 0
+    tokens: dict[str, dict[str, Any]] = field(default_factory=dict)  # token → TokenReview status
+    rv: int = 100
+    requests: list[str] = field(default_factory=list)
+    list_delay_s: dict[str, float] = field(default_factory=dict)  # collection → slow lists
+    end_watches_at_once: bool = False  # a misbehaving proxy: every watch ends empty
+    _objects: dict[str, dict[str, dict[str, Any]]] = field(
+        default_factory=lambda: {c: {} for c in KINDS})
+    _history: list[_Event] = field(default_factory=list)
+    _oldest: int = 100  # watches from before this RV get 410
+    _wake: asyncio.Condition = field(default_factory=asyncio.Condition)
+    _streams: dict[web.StreamResponse, web.Request] = field(default_factory=dict)
+    _runner: web.AppRunner | None = None
+
+    # -- life cycle ---------------------------------------------------------
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/api/v1/namespaces/{ns}/pods/{name}", self._get_pod)
+        app.router.add_post(TOKENREVIEWS, self._tokenreview)
+        for collection in KINDS:
+            app.router.add_get(collection, self._collection)
+        self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.1)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def stop(self) -> None:
+        """The API server goes away: listeners closed, open watches cut."""
+        self.drop_watches()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def drop_watches(self) -> None:
+        for request in list(self._streams.values()):
+            transport = request.transport
+            if transport is not None:
+                transport.abort()  # mid-stream, no final chunk: a broken connection
+        self._streams.clear()
+
+    async def watching(self, count: int, timeout: float = 10.0) -> None:
+        """Wait until ``count`` watches are open (a test's "the client is watching")."""
+        async with asyncio.timeout(timeout):
+            while len(self._streams) < count:
+                await asyncio.sleep(0.01)
+
+    # -- state --------------------------------------------------------------
+    async def apply(self, collection: str, obj: dict[str, Any]) -> int:
+        """Create or replace ``obj``; returns its new resourceVersion."""
+        key = _key(obj)
+        objects = self._objects[collection]
+        kind = "MODIFIED" if key in objects else "ADDED"
+        stored = copy.deepcopy(obj)
+        stored.setdefault("metadata", {})
+        return await self._record(collection, kind, key, stored)
+
+    async def delete(self, collection: str, namespace: str, name: str) -> int:
+        key = f"{namespace}/{name}"
+        stored = self._objects[collection][key]
+        return await self._record(collection, "DELETED", key, copy.deepcopy(stored))
+
+    async def _record(self, collection: str, kind: str, key: str, obj: dict[str, Any]) -> int:
+        self.rv += 1
+        obj["metadata"]["resourceVersion"] = str(self.rv)
+        if kind == "DELETED":
+            del self._objects[collection][key]
+        else:
+            self._objects[collection][key] = obj
+        self._history.append(_Event(self.rv, collection, kind, obj))
+        async with self._wake:
+            self._wake.notify_all()
+        return self.rv
+
+    def compact(self) -> None:
+        """Forget the history (etcd compaction): older watch versions now get 410."""
+        self._history.clear()
+        self._oldest = self.rv
+
+    # -- handlers -----------------------------------------------------------
+    def _authorized(self, request: web.Request) -> bool:
+        return request.headers.get("Authorization") == f"Bearer {self.token}"
+
+    async def _collection(self, request: web.Request) -> web.StreamResponse:
+        self.requests.append(f"{request.method} {request.path_qs}")
+        if not self._authorized(request):
+            return _status(401, "Unauthorized", "Unauthorized")
+        collection = request.path
+        if request.query.get("watch") in ("1", "true"):
+            return await self._watch(request, collection)
+        version = str(self.rv)  # a list is one consistent read, as of its start
+        items = [_without_type(o) for o in self._objects[collection].values()]
+        await asyncio.sleep(self.list_delay_s.get(collection, 0))
+        return web.json_response({"kind": f"{KINDS[collection]}List", "apiVersion": "v1",
+                                  "metadata": {"resourceVersion": version},
+                                  "items": items})
+
+    async def _watch(self, request: web.Request, collection: str) -> web.StreamResponse:
+        since = int(request.query.get("resourceVersion") or self.rv)
+        bookmarks = request.query.get("allowWatchBookmarks") == "true"
+        timeout = float(request.query.get("timeoutSeconds", "1800"))
+        if since < self._oldest:
+            gone = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 410,
+                    "reason": "Expired", "message": f"too old resource version: {since} "
+                                                    f"({self._oldest})"}
+            if self.gone_as_http:
+                return web.json_response(gone, status=410)
+        stream = web.StreamResponse(headers={"Content-Type": "application/json"})
+        stream.enable_chunked_encoding()
+        await stream.prepare(request)
+        if since < self._oldest:
+            await _send(stream, "ERROR", gone)
+            return stream
+        if self.end_watches_at_once:
+            await stream.write_eof()
+            return stream
+        self._streams[stream] = request
+        deadline = asyncio.get_running_loop().time() + timeout
+        sent = since
+        try:
+            while (left := deadline - asyncio.get_running_loop().time()) > 0:
+                for event in [e for e in self._history if e.rv > sent]:
+                    sent = event.rv
+                    if event.collection == collection:
+                        await _send(stream, event.type, event.obj)
+                async with self._wake:
+                    if self.rv > sent:
+                        continue  # recorded while we were writing
+                    try:
+                        await asyncio.wait_for(self._wake.wait(),
+                                               min(left, self.bookmark_interval_s))
+                    except TimeoutError:
+                        if bookmarks and stream in self._streams:
+                            await _send(stream, "BOOKMARK", {
+                                "kind": KINDS[collection],
+                                "metadata": {"resourceVersion": str(self.rv)}})
+                            sent = max(sent, self.rv)
+                if stream not in self._streams:
+                    return stream  # dropped
+            await stream.write_eof()
+        except (ConnectionResetError, RuntimeError):
+            pass  # the client went away
+        finally:
+            self._streams.pop(stream, None)
+        return stream
+
+    async def _get_pod(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return _status(401, "Unauthorized", "Unauthorized")
+        key = f"{request.match_info['ns']}/{request.match_info['name']}"
+        pod = self._objects["/api/v1/pods"].get(key)
+        if pod is None:
+            return _status(404, "NotFound", f'pods "{request.match_info["name"]}" not found')
+        return web.json_response({"kind": "Pod", "apiVersion": "v1", **pod})
+
+    async def _tokenreview(self, request: web.Request) -> web.Response:
+        self.requests.append(f"POST {TOKENREVIEWS}")
+        if not self._authorized(request):
+            return _status(401, "Unauthorized", "Unauthorized")
+        review = await request.json()
+        presented = review.get("spec", {}).get("token", "")
+        status = self.tokens.get(presented, {"authenticated": False,
+                                             "error": "invalid bearer token"})
+        return web.json_response({**review, "status": status}, status=201)
+
+
+def _key(obj: dict[str, Any]) -> str:
+    meta = obj.get("metadata", {})
+    return f"{meta.get('namespace') or ''}/{meta['name']}"
+
+
+def _without_type(obj: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in obj.items() if k not in ("kind", "apiVersion")}
+
+
+def _status(code: int, reason: str, message: str) -> web.Response:
+    return web.json_response({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                              "code": code, "reason": reason, "message": message},
+                             status=code)
+
+
+async def _send(stream: web.StreamResponse, kind: str, obj: dict[str, Any]) -> None:
+    await stream.write(json.dumps({"type": kind, "object": obj}).encode() + b"\n")
