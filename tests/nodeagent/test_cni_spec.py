@@ -1,0 +1,179 @@
+"""The CNI plugin's sans-IO core: what the runtime hands in, what it gets back (spec 1.0.0)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nodeagent.cni import spec
+from nodeagent.cni.protocol import (
+    MAX_FRAME,
+    FrameReader,
+    PodRequest,
+    PodResponse,
+    ProtocolError,
+    encode,
+    parse_request,
+    parse_response,
+)
+from nodeagent.cni_server import Decision, decide
+from tunnel.state import AMBIENT, DATAPLANE_LABEL, MeshState, Workload
+
+pytestmark = pytest.mark.unit
+
+PREV = {"cniVersion": "1.0.0",
+        "interfaces": [{"name": "cni0", "mac": "aa:bb:cc:dd:ee:ff"},
+                       {"name": "eth0", "mac": "aa:bb:cc:dd:ee:01", "sandbox": "/run/netns/x"}],
+        "ips": [{"address": "fd00::5/64", "interface": 1},
+                {"address": "10.42.0.1/24", "interface": 0},
+                {"address": "10.42.0.7/24", "gateway": "10.42.0.1", "interface": 1}],
+        "routes": [{"dst": "0.0.0.0/0"}], "dns": {}}
+ENV = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c0ffee", "CNI_NETNS": "/run/netns/x",
+       "CNI_IFNAME": "eth0", "CNI_PATH": "/opt/cni/bin",
+       "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAMESPACE=demo;K8S_POD_NAME=web-1;"
+                   "K8S_POD_INFRA_CONTAINER_ID=c0ffee;K8S_POD_UID=u-1"}
+
+
+def _config(**extra: object) -> bytes:
+    return json.dumps({"cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "trellis-cni",
+                       "prevResult": PREV, **extra}).encode()
+
+
+def _error(call, *args) -> spec.CniError:  # type: ignore[no-untyped-def]
+    with pytest.raises(spec.CniError) as caught:
+        call(*args)
+    return caught.value
+
+
+def test_add_reads_environment_args_and_config() -> None:
+    inv = spec.parse_invocation(ENV, _config(agentSocket="/run/t.sock", timeoutSeconds=3))
+    assert (inv.command, inv.container_id, inv.netns, inv.ifname) == (
+        "ADD", "c0ffee", "/run/netns/x", "eth0")
+    assert (inv.pod_namespace, inv.pod_name, inv.pod_uid) == ("demo", "web-1", "u-1")
+    assert inv.plugin == spec.PluginConfig("/run/t.sock", 3.0)
+
+
+def test_add_passes_prev_result_through_in_the_configs_version() -> None:
+    inv = spec.parse_invocation(ENV, _config(cniVersion="0.4.0"))
+    out = spec.success_output(inv)
+    assert out.exit_code == 0
+    assert json.loads(out.stdout) == {**PREV, "cniVersion": "0.4.0"}
+
+
+def test_pod_ip_prefers_an_ipv4_address_inside_the_sandbox() -> None:
+    assert spec.pod_ip(spec.parse_invocation(ENV, _config())) == "10.42.0.7"
+
+
+def test_pod_ip_without_interfaces_takes_the_first_ipv4() -> None:
+    prev = {"cniVersion": "0.3.1", "ips": [{"version": "4", "address": "10.1.2.3/16"}]}
+    assert spec.pod_ip(spec.parse_invocation(ENV, _config(prevResult=prev))) == "10.1.2.3"
+
+
+def test_pod_ip_missing_is_an_invalid_config() -> None:
+    inv = spec.parse_invocation(ENV, _config(prevResult={"cniVersion": "1.0.0", "ips": []}))
+    assert _error(spec.pod_ip, inv).code == spec.INVALID_CONFIG
+
+
+@pytest.mark.parametrize(("env", "stdin", "code", "names"), [
+    ({**ENV, "CNI_COMMAND": "BOGUS"}, _config(), spec.INVALID_ENVIRONMENT, "CNI_COMMAND"),
+    ({k: v for k, v in ENV.items() if k != "CNI_NETNS"}, _config(), spec.INVALID_ENVIRONMENT,
+     "CNI_NETNS"),
+    ({k: v for k, v in ENV.items() if k != "CNI_CONTAINERID"}, _config(),
+     spec.INVALID_ENVIRONMENT, "CNI_CONTAINERID"),
+    ({**ENV, "CNI_ARGS": "K8S_POD_NAME"}, _config(), spec.INVALID_ENVIRONMENT, "CNI_ARGS"),
+    (ENV, b"{not json", spec.DECODE_FAILURE, "JSON"),
+    (ENV, b"[]", spec.DECODE_FAILURE, "object"),
+    (ENV, _config(cniVersion="9.9.9"), spec.INCOMPATIBLE_VERSION, "cniVersion"),
+    (ENV, json.dumps({"cniVersion": "1.0.0", "name": "n"}).encode(), spec.INVALID_CONFIG,
+     "prevResult"),
+    (ENV, _config(agentSocket="relative.sock"), spec.INVALID_CONFIG, "agentSocket"),
+    (ENV, _config(timeoutSeconds=0), spec.INVALID_CONFIG, "timeoutSeconds"),
+    ({**ENV, "CNI_COMMAND": "CHECK"}, _config(cniVersion="0.3.1"), spec.INCOMPATIBLE_VERSION,
+     "CHECK"),
+])
+def test_bad_input_is_one_cni_error_naming_the_field(env, stdin, code, names) -> None:  # type: ignore[no-untyped-def]
+    err = _error(spec.parse_invocation, env, stdin)
+    assert err.code == code
+    assert names in err.msg
+
+
+def test_del_tolerates_a_missing_netns_and_prev_result() -> None:
+    env = {k: v for k, v in ENV.items() if k != "CNI_NETNS"} | {"CNI_COMMAND": "DEL"}
+    inv = spec.parse_invocation(env, json.dumps({"cniVersion": "1.0.0", "name": "n"}).encode())
+    assert (inv.netns, spec.success_output(inv)) == ("", spec.Output("", 0))
+
+
+def test_version_answers_whatever_version_was_asked() -> None:
+    inv = spec.parse_invocation({"CNI_COMMAND": "VERSION"}, b'{"cniVersion": "0.4.0"}')
+    body = json.loads(spec.success_output(inv).stdout)
+    assert body == {"cniVersion": "0.4.0", "supportedVersions": list(spec.SUPPORTED_VERSIONS)}
+    assert "1.0.0" in body["supportedVersions"]
+
+
+def test_error_output_is_the_specs_error_object_and_a_failing_exit() -> None:
+    out = spec.error_output(spec.CniError(11, "agent down", "/run/x.sock"), "0.4.0")
+    assert out.exit_code != 0
+    assert json.loads(out.stdout) == {"cniVersion": "0.4.0", "code": 11, "msg": "agent down",
+                                      "details": "/run/x.sock"}
+
+
+# -- plugin <-> agent frames ---------------------------------------------------------------
+
+def test_frames_survive_being_fed_a_byte_at_a_time() -> None:
+    request = PodRequest("add", "c0ffee", "/run/netns/x", "10.0.0.1", "demo", "web-1", "u-1")
+    reader = FrameReader()
+    data = encode(request) + encode(PodResponse(ok=True))
+    frames = []
+    for byte in data:
+        reader.feed(bytes([byte]))
+        if (frame := reader.next_frame()) is not None:
+            frames.append(frame)
+    assert parse_request(frames[0]) == request
+    assert parse_response(frames[1]) == PodResponse(ok=True)
+
+
+@pytest.mark.parametrize(("frame", "problem"), [
+    ((MAX_FRAME + 1).to_bytes(4, "big"), "exceeds"),
+    (b"\x00\x00\x00\x03abc", "not JSON"),
+    (b"\x00\x00\x00\x02[]", "not a JSON object"),
+])
+def test_bad_frames_are_protocol_errors(frame: bytes, problem: str) -> None:
+    reader = FrameReader()
+    reader.feed(frame)
+    with pytest.raises(ProtocolError, match=problem):
+        reader.next_frame()
+
+
+@pytest.mark.parametrize(("message", "problem"), [
+    ({"op": "destroy", "container_id": "c"}, "op"),
+    ({"op": "add", "container_id": ""}, "container_id"),
+    ({"op": "add", "container_id": "c", "netns": 7}, "netns"),
+])
+def test_bad_requests_name_the_field(message: dict, problem: str) -> None:  # type: ignore[type-arg]
+    with pytest.raises(ProtocolError, match=problem):
+        parse_request(message)
+
+
+# -- enrollment decision -------------------------------------------------------------------
+
+def _workload(uid: str, enrolled: bool) -> Workload:
+    return Workload(uid=uid, name="web-1", namespace="demo", node="n1", ip="10.0.0.1",
+                    service_account="web", labels={}, enrolled=enrolled)
+
+
+_REQ = PodRequest("add", "c0ffee", "/run/netns/x", "10.0.0.1", "demo", "web-1", "u-1")
+
+
+@pytest.mark.parametrize(("state", "verdict"), [
+    (None, Decision.RETRY),
+    (MeshState(), Decision.RETRY),
+    (MeshState(namespace_labels={"demo": {DATAPLANE_LABEL: AMBIENT}}), Decision.REDIRECT),
+    (MeshState(namespace_labels={"demo": {}}), Decision.SKIP),
+    # The pod's own view wins over its namespace (a pod label can opt out).
+    (MeshState(workloads=(_workload("u-1", False),),
+               namespace_labels={"demo": {DATAPLANE_LABEL: AMBIENT}}), Decision.SKIP),
+    (MeshState(workloads=(_workload("u-1", True),), namespace_labels={}), Decision.REDIRECT),
+])
+def test_decide(state: MeshState | None, verdict: Decision) -> None:
+    assert decide(state, _REQ)[0] is verdict
