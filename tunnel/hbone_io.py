@@ -20,6 +20,7 @@ import asyncio
 import logging
 import socket
 import ssl
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import ClassVar, cast
@@ -696,16 +697,86 @@ class _HboneServerConnection(_HboneConnection):
                     extra={"fields": {"peer_address": str(peer), "error": str(exc)}})
 
 
+class HboneListener:
+    """The HBONE accept loop; closes like an `asyncio.Server` (`close`, `wait_closed`).
+
+    Why not ``create_server(ssl=...)``: asyncio and uvloop drop a connection whose
+    TLS handshake fails (an expired or untrusted client certificate) without a
+    word unless the loop is in debug mode, so an operator never learned why a
+    peer was refused. Accepting the socket ourselves and handing it to
+    ``connect_accepted_socket`` makes the handshake's failure an exception we log
+    with the peer's address and OpenSSL's reason. A new TLS connection is rare
+    (pooled), so a Python accept loop costs nothing that matters.
+    (Added for issue 6, the Envoy interop tests.)
+    """
+
+    def __init__(self, sock: socket.socket, ssl_context: ssl.SSLContext,
+                 handler: InboundHandler, trust_domain: str) -> None:
+        self.sockets = (sock,)
+        self._sock = sock
+        self._ssl_context = ssl_context
+        self._handler = handler
+        self._trust_domain = trust_domain
+        # Accepted tunnels, so a pod's removal can end them too: closing a
+        # listener alone would leave peers' pooled connections to it open.
+        self._connections: weakref.WeakSet[_HboneServerConnection] = weakref.WeakSet()
+        self._accepting = tasks.spawn(self._accept_loop(),
+                                      name=f"hbone-accept {sock.getsockname()}")
+
+    def close(self) -> None:
+        self._accepting.cancel()
+
+    def abort_connections(self) -> None:
+        """End every tunnel this listener accepted (their streams are reset)."""
+        for connection in list(self._connections):
+            connection.abort()
+
+    def is_serving(self) -> bool:
+        return not self._accepting.done()
+
+    async def wait_closed(self) -> None:
+        try:
+            await self._accepting
+        except asyncio.CancelledError:
+            pass
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                try:
+                    conn, peer = await loop.sock_accept(self._sock)
+                except OSError as exc:  # EMFILE, ENOBUFS …: keep serving
+                    log.warning("HBONE accept failed: %s", exc,
+                                extra={"fields": {"error": str(exc)}})
+                    await asyncio.sleep(0.1)
+                    continue
+                tasks.spawn(self._handshake(conn, peer), name=f"hbone-tls {peer}")
+        finally:
+            self._sock.close()
+
+    async def _handshake(self, conn: socket.socket, peer: object) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            _, connection = await loop.connect_accepted_socket(
+                lambda: _HboneServerConnection(self._handler, self._trust_domain), conn,
+                ssl=self._ssl_context, ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+            self._connections.add(connection)
+        except (OSError, TimeoutError) as exc:
+            reason = getattr(exc, "verify_message", None) or str(exc) or type(exc).__name__
+            log.warning("refused HBONE connection from %s: TLS handshake failed: %s",
+                        peer, reason, extra={"fields": {
+                            "peer_address": str(peer), "error": f"tls handshake: {reason}"}})
+            conn.close()
+
+
 async def serve_hbone(sock: socket.socket, ssl_context: ssl.SSLContext, handler: InboundHandler,
-                      *, trust_domain: str) -> asyncio.Server:
+                      *, trust_domain: str) -> HboneListener:
     """Serve HBONE on `sock` (bound, listening, non-blocking). `handler` runs as a task per
     CONNECT and must `accept()` or `reject()` it; one that does neither gets 503.
 
     A client whose certificate does not verify fails the TLS handshake; one from
-    another trust domain is dropped with a log line. Neither reaches `handler`.
+    another trust domain is dropped. Both get a log line; neither reaches `handler`.
     """
-    loop = asyncio.get_running_loop()
-    return await loop.create_server(
-        lambda: _HboneServerConnection(handler, trust_domain), sock=sock, ssl=ssl_context,
-        ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+    return HboneListener(sock, ssl_context, handler, trust_domain)
 
