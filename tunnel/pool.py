@@ -106,6 +106,20 @@ class HboneConnectionPool:
                 for conn in closing:
                     conn.abort()
 
+    def abort_from(self, src_ip: str) -> int:
+        """Abort every connection dialled from ``src_ip``; return how many.
+
+        A pooled connection's socket lives in the source pod's namespace. Once
+        that pod is gone its sockets are dead ends, and a re-created pod with
+        the same IP and identity would otherwise be handed one of them.
+        """
+        doomed = [(key, conn) for key, conns in self._connections.items()
+                  if key.src_ip == src_ip for conn in conns]
+        for key, conn in doomed:
+            self._remove(key, conn)
+            conn.abort()
+        return len(doomed)
+
     # internals
 
     def _find(self, key: PoolKey) -> HboneConnection | None:

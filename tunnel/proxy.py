@@ -24,7 +24,7 @@ from tunnel.config import (
     PROXY_MARK,
 )
 from tunnel.context import ProxyInputs
-from tunnel.hbone_io import InboundRequest, serve_hbone
+from tunnel.hbone_io import HboneListener, InboundRequest, serve_hbone
 from tunnel.inbound import handle_hbone, handle_plaintext
 from tunnel.netns import NetnsHandle, listen_in
 from tunnel.outbound import handle_outbound
@@ -91,8 +91,11 @@ class Proxy:
         servers = self._servers.pop(uid, [])
         for server in servers:
             server.close()
+            if isinstance(server, HboneListener):
+                server.abort_connections()
         if pod is None:
             return
+        self.inputs.pool.abort_from(pod.workload.ip)
         for live in list(pod.connections):
             if live.handle is not None:
                 live.handle.close("pod removed")

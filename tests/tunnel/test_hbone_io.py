@@ -436,3 +436,32 @@ def test_tls_is_1_3_with_h2_and_aes_gcm(frontend_bundle: CertBundle,
             await env.close()
 
     run(main)
+
+
+def test_connections_from_a_removed_source_are_never_reused(frontend_bundle: CertBundle,
+                                                            backend_bundle: CertBundle) -> None:
+    """A pooled connection's socket belongs to its source pod's namespace: once that
+    pod is gone, a new pod with the same IP and identity must get a fresh one."""
+    async def main() -> None:
+        app, app_address = await start_app(echo)
+        env = await HboneEnv(frontend_bundle, backend_bundle).start()
+        env.app_address = app_address
+        try:
+            reader, writer = await asyncio.open_connection(*env.outbound_address)
+            writer.write(b"x")
+            assert await reader.readexactly(1) == b"x"
+            writer.close()
+            assert env.pool.connection_count() == 1
+            assert env.pool.abort_from("198.18.99.99") == 0  # another source: untouched
+            assert env.pool.abort_from(env.key().src_ip) == 1
+            assert env.pool.connection_count() == 0
+            reader, writer = await asyncio.open_connection(*env.outbound_address)
+            writer.write(b"y")
+            assert await reader.readexactly(1) == b"y"
+            writer.close()
+            assert env.pool.connects_started == 2
+        finally:
+            await env.close()
+            app.close()
+
+    run(main)
