@@ -153,7 +153,9 @@ class CaServer:
             return self._api.reject_unparsed(
                 HttpError(408, f"request not received within {self.config.request_timeout}s"),
                 parser.target, peer)
-        return self._api.handle(request, peer)
+        # Off the loop: signing is CPU work, and an authenticator may block on a
+        # remote check (nodeagent.k8s_auth asks the Kubernetes API server).
+        return await asyncio.to_thread(self._api.handle, request, peer)
 
 
 def server_ssl_context(chain_pem: bytes, key_pem: bytes) -> ssl.SSLContext:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lab import network, supervisor
+from lab import network, redirect_mode, supervisor
 from lab.errors import LabError, LabNotUp
 from lab.lifecycle import Out, read_documents, reported_as, start_and_wait, write_workloads
 from lab.plan import LabPlan, PodPlan, plan_lab
@@ -79,7 +79,9 @@ def _commit(labdir: LabDir, record: LabRecord, spec: LabSpec) -> LabPlan:
     for pod in added:
         with reported_as(f"Pod {pod.key}"):
             network.ensure_pod(plan, pod)
-    start_and_wait(labdir, [app_process(plan, pod) for pod in added])
+    cgroups = redirect_mode.cgroups_for(labdir, plan)
+    start_and_wait(labdir, [app_process(plan, pod, cgroup=cgroups.get(pod.key, ""))
+                            for pod in added])
     with reported_as("workloads"):
         write_workloads(labdir, spec, plan)
     for pod in gone:

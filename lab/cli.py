@@ -22,7 +22,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 
-from lab import changes, demo, lifecycle, supervisor
+from lab import changes, demo, lifecycle, redirect_mode, supervisor
 from lab.errors import LabError, LabNotUp
 from lab.processes import CA_NAME, agent_name, app_name
 from lab.render import status_json, status_table
@@ -43,6 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                                           "instead of the default lab")
     up.add_argument("--no-mesh", action="store_true",
                     help="network and apps only: no CA, no node agents")
+    up.add_argument("--redirect", choices=("iptables", "ebpf"), default=None,
+                    help="how agents capture pod traffic (default: the running lab's "
+                         "mode, else iptables)")
     up.set_defaults(func=_handler(_up, root=True))
 
     down = commands.add_parser("down", help="remove everything the lab made")
@@ -92,7 +95,8 @@ def _print(line: str) -> None:
 
 def _up(args: argparse.Namespace, labdir: LabDir) -> int:
     description = lifecycle.read_description(args.file)
-    lifecycle.up(labdir, description, None if args.no_mesh else lifecycle.MESH, _print)
+    lifecycle.up(labdir, description, None if args.no_mesh else lifecycle.MESH, _print,
+                 redirect=args.redirect)
     return 0
 
 
@@ -156,7 +160,10 @@ def _exec(args: argparse.Namespace, labdir: LabDir) -> int:
     if not args.cmd:
         raise LabError(f"lab exec: give the command after --, e.g. "
                        f"`trellis lab exec {args.pod} -- ip addr`")
-    child = subprocess.Popen(["ip", "netns", "exec", matches[0].netns, *args.cmd])
+    # In eBPF mode the command joins the pod's cgroup, where the pod's programs are.
+    cgroup = redirect_mode.cgroups_for(labdir, record.plan).get(matches[0].key, "")
+    child = subprocess.Popen(redirect_mode.in_cgroup(
+        cgroup, ["ip", "netns", "exec", matches[0].netns, *args.cmd]))
     # Ctrl-C belongs to the command (say, an interactive shell), not to us: ignored
     # here only after the child started, so the child keeps the default handling.
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -20,7 +20,7 @@ from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from lab import network, supervisor
+from lab import network, redirect_mode, supervisor
 from lab.errors import LabError, LabFailure
 from lab.plan import CA_PORT, CONTROL_ADDRESS, FABRIC_BRIDGE, LabPlan, NodePlan, plan_lab
 from lab.processes import (
@@ -96,9 +96,12 @@ def read_documents(path: str) -> list[dict[str, Any]]:
     return load_documents(text, path)
 
 
-def up(labdir: LabDir, description: Description, mesh: Mesh | None, out: Out) -> None:
-    """Make the lab described (with the mesh unless ``mesh`` is None), or finish making it."""
+def up(labdir: LabDir, description: Description, mesh: Mesh | None, out: Out,
+       redirect: str | None = None) -> None:
+    """Make the lab described (with the mesh unless ``mesh`` is None), or finish making it.
+    ``redirect`` picks the mode (lab/redirect_mode.py); None keeps the lab's."""
     with locked(labdir, create=True):
+        redirect_mode.choose_mode(labdir, redirect, load_record(labdir) is not None)
         record = _record_for(labdir, description, mesh is not None)
         save_record(labdir, record)
         spec = build_spec(record.documents, record.source)
@@ -130,7 +133,8 @@ def down(labdir: LabDir, out: Out) -> None:
         supervisor.terminate(strays)
         for name in namespaces:
             network.delete_namespace(name)
-        files = _remove_files(labdir)
+        cleaned = redirect_mode.remove(labdir, prefix)  # eBPF pins and pod cgroups
+        files = _remove_files(labdir) + cleaned
     with contextlib.suppress(OSError):  # left in place if it holds files not ours
         labdir.root.rmdir()
     if not (stopped or strays or namespaces or files):
@@ -151,7 +155,7 @@ def reported_as(label: str) -> Iterator[None]:
 
 def write_workloads(labdir: LabDir, spec: LabSpec, plan: LabPlan) -> bool:
     """Rewrite workloads.yaml if its content changes; agents poll it, so only then."""
-    text = dump_workloads(render_workloads(spec, plan))
+    text = dump_workloads(render_workloads(spec, plan, redirect_mode.cgroups_for(labdir, plan)))
     with contextlib.suppress(FileNotFoundError):
         if labdir.workloads.read_text() == text:
             return False
@@ -200,7 +204,8 @@ def _steps(labdir: LabDir, plan: LabPlan, spec: LabSpec,
         return f"pods: {len(plan.pods)} wired to their nodes", any(changed)
 
     def apps() -> tuple[str, bool]:
-        started = start_and_wait(labdir, app_processes(plan))
+        started = start_and_wait(labdir, app_processes(
+            plan, redirect_mode.cgroups_for(labdir, plan)))
         return f"apps: {len(plan.pods)} answering on :8080", started > 0
 
     def workloads() -> tuple[str, bool]:

@@ -18,9 +18,12 @@ Each runs as ``ip netns exec <namespace> <python> -m …``.
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from lab.plan import APP_PORT, CA_PORT, CONTROL_ADDRESS, LabPlan, NodePlan, PodPlan
+from lab.redirect_mode import agent_arguments
 from lab.state import LabDir
 
 METRICS_PORT = 15020
@@ -71,9 +74,14 @@ class ProcessSpec:
     ready: Probe
     ready_seconds: float
     ports: tuple[Port, ...] = ()
+    cgroup: str = ""  # eBPF mode: the pod's cgroup v2 directory, joined before exec
+    # eBPF mode's agent: enter the namespace with nsenter, not `ip netns exec`, whose
+    # fresh /sys would hide bpffs and cgroup v2 (under /sys/fs) from the agent.
+    host_mounts: bool = False
 
 
-def app_process(plan: LabPlan, pod: PodPlan, python: str = sys.executable) -> ProcessSpec:
+def app_process(plan: LabPlan, pod: PodPlan, python: str = sys.executable,
+                cgroup: str = "") -> ProcessSpec:
     return ProcessSpec(
         name=app_name(plan, pod),
         label=f"Pod {pod.key}: app",
@@ -83,6 +91,7 @@ def app_process(plan: LabPlan, pod: PodPlan, python: str = sys.executable) -> Pr
         ready=Probe(pod.netns, "127.0.0.1", APP_PORT, "/ready"),
         ready_seconds=APP_READY_SECONDS,
         ports=(Port(f"Pod {pod.key}", pod.netns, APP_PORT, "app"),),
+        cgroup=cgroup,
     )
 
 
@@ -117,7 +126,9 @@ def agent_process(plan: LabPlan, node: NodePlan, labdir: LabDir,
               "--workloads", str(labdir.workloads),
               "--ca-url", f"https://{CONTROL_ADDRESS}:{CA_PORT}",
               "--ca-root", str(labdir.ca_root),
-              "--token-file", str(labdir.token(node.name))),
+              "--token-file", str(labdir.token(node.name)),
+              *agent_arguments(labdir, plan, node.name)),
+        host_mounts=bool(agent_arguments(labdir, plan, node.name)),
         ready=Probe(node.netns, "127.0.0.1", READINESS_PORT, "/healthz/ready"),
         ready_seconds=AGENT_READY_SECONDS,
         ports=(Port(f"Node {node.name}", node.netns, METRICS_PORT, "metrics"),
@@ -135,8 +146,9 @@ def agent_name(node: NodePlan) -> str:
     return f"{AGENT_PREFIX}{node.name}"
 
 
-def app_processes(plan: LabPlan) -> tuple[ProcessSpec, ...]:
-    return tuple(app_process(plan, pod) for pod in plan.pods)
+def app_processes(plan: LabPlan,
+                  cgroups: Mapping[str, str] = MappingProxyType({})) -> tuple[ProcessSpec, ...]:
+    return tuple(app_process(plan, pod, cgroup=cgroups.get(pod.key, "")) for pod in plan.pods)
 
 
 def agent_processes(plan: LabPlan, labdir: LabDir) -> tuple[ProcessSpec, ...]:

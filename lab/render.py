@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import yaml
@@ -19,6 +20,7 @@ from lab.plan import NETNS_DIR, LabPlan
 from lab.spec import LabSpec, object_key
 
 NETNS_ANNOTATION = "trellis.dev/netns"
+CGROUP_ANNOTATION = "trellis.dev/cgroup"
 _KIND_ORDER = {"Namespace": 0, "Pod": 1, "Service": 2}
 
 WORKLOADS_HEADER = (
@@ -27,8 +29,10 @@ WORKLOADS_HEADER = (
 )
 
 
-def render_workloads(spec: LabSpec, plan: LabPlan) -> list[dict[str, Any]]:
-    """Every document of the lab, with what the lab assigned filled in."""
+def render_workloads(spec: LabSpec, plan: LabPlan,
+                     cgroups: Mapping[str, str] = MappingProxyType({})) -> list[dict[str, Any]]:
+    """Every document of the lab, with what the lab assigned filled in (and, in eBPF
+    mode, each pod's cgroup from ``cgroups``, by pod key)."""
     pods = {p.key: p for p in plan.pods}
     services = {s.key: s for s in plan.services}
     rendered = []
@@ -40,6 +44,8 @@ def render_workloads(spec: LabSpec, plan: LabPlan) -> list[dict[str, Any]]:
             meta = out.setdefault("metadata", {})
             meta["namespace"] = namespace
             meta.setdefault("annotations", {})[NETNS_ANNOTATION] = f"{NETNS_DIR}/{pod.netns}"
+            if pod.key in cgroups:
+                meta["annotations"][CGROUP_ANNOTATION] = cgroups[pod.key]
             body = out.setdefault("spec", {})
             body["nodeName"] = pod.node
             body["serviceAccountName"] = pod.service_account

@@ -23,6 +23,7 @@ from pyroute2 import netns as pyroute2_netns
 from lab import nsenter
 from lab.errors import LabError, LabFailure
 from lab.processes import Port, Probe, ProcessSpec
+from lab.redirect_mode import in_cgroup
 from lab.state import LabDir
 
 LOG_TAIL_LINES = 20
@@ -42,10 +43,14 @@ def spawn(labdir: LabDir, spec: ProcessSpec) -> int:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_LAB_ROOT, env.get("PYTHONPATH")) if p)
     env["PYTHONUNBUFFERED"] = "1"
     log = str(labdir.log(spec.name))
-    argv = ["ip", "netns", "exec", spec.netns, *spec.argv]
+    # The cgroup is joined outside `ip netns exec`, which remounts /sys (and so hides
+    # the cgroup v2 mount under /sys/fs/cgroup).
+    enter = (["nsenter", f"--net=/run/netns/{spec.netns}"] if spec.host_mounts
+             else ["ip", "netns", "exec", spec.netns])
+    argv = list(in_cgroup(spec.cgroup, [*enter, *spec.argv]))
     # posix_spawn, not Popen: no Popen object that warns when dropped while its child
     # runs on, and setsid so a Ctrl-C at the terminal does not reach the lab.
-    pid = os.posix_spawnp("ip", argv, env, setsid=True, file_actions=[
+    pid = os.posix_spawnp(argv[0], argv, env, setsid=True, file_actions=[
         (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
         (os.POSIX_SPAWN_OPEN, 1, log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644),
         (os.POSIX_SPAWN_DUP2, 1, 2),

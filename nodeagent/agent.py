@@ -12,7 +12,10 @@ never meets a missing listener; removal runs rules → listeners.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import os
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -35,6 +38,11 @@ class CertificateTracker(Protocol):
     def untrack(self, identity: Identity) -> None: ...
 
 
+# Finds the network namespace of pods whose source does not name one (Kubernetes):
+# {uid: netns path} for those it found (nodeagent.podnetns.ProcNetnsResolver).
+NetnsResolver = Callable[[Iterable[Workload]], Mapping[str, str]]
+
+
 @dataclass
 class _Served:
     workload: Workload
@@ -48,6 +56,7 @@ class Reconciler:
     redirector: Redirector
     certificates: CertificateTracker
     policies: PolicyLoader
+    netns_resolver: NetnsResolver | None = None
     _served: dict[str, _Served] = field(default_factory=dict)
     _desired: dict[str, Workload] = field(default_factory=dict)
     _failures: dict[str, str] = field(default_factory=dict)
@@ -85,11 +94,30 @@ class Reconciler:
 
     async def reconcile(self) -> None:
         async with self._lock:
+            await self._resolve_netns()
             for uid in [u for u, s in self._served.items()
                         if _changed(s.workload, self._desired.get(u))]:
                 await self._unenroll(uid)
             missing = [w for uid, w in self._desired.items() if uid not in self._served]
             await asyncio.gather(*(self._enroll(w) for w in missing))
+
+    async def _resolve_netns(self) -> None:
+        """Fill in the namespace of desired pods that came without one. A served pod
+        keeps the one it was enrolled with while that process lives; only the
+        others cost a scan, one for all of them."""
+        unknown = [w for w in self._desired.values() if not w.netns]
+        if self.netns_resolver is None or not unknown:
+            return
+        known = {uid: s.network.netns_path for uid, s in self._served.items()
+                 if os.path.exists(s.network.netns_path)}
+        missing = [w for w in unknown if w.uid not in known]
+        found: Mapping[str, str] = {}
+        if missing:
+            loop = asyncio.get_running_loop()
+            found = await loop.run_in_executor(None, self.netns_resolver, missing)
+        for w in unknown:
+            if path := known.get(w.uid) or found.get(w.uid):
+                self._desired[w.uid] = dataclasses.replace(w, netns=path)
 
     async def shutdown(self, *, remove_rules: bool) -> None:
         async with self._lock:
@@ -100,11 +128,12 @@ class Reconciler:
 
     async def _enroll(self, workload: Workload) -> None:
         if not workload.netns:
-            self._fail(workload, "no network namespace known for the pod "
-                                 "(metadata.annotations['trellis.dev/netns'])")
+            self._fail(workload, "no network namespace known for the pod " + (
+                "(no running process of it in /proc yet)" if self.netns_resolver
+                else "(metadata.annotations['trellis.dev/netns'])"))
             return
         network = PodNetwork(uid=workload.uid, key=workload.key,
-                             netns_path=workload.netns, ip=workload.ip)
+                             netns_path=workload.netns, ip=workload.ip, cgroup=workload.cgroup)
         loop = asyncio.get_running_loop()
         try:
             await self.proxy.add_pod(workload, workload.netns)

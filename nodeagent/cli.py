@@ -25,17 +25,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     agent_sub = agent.add_subparsers(dest="agent_command", metavar="COMMAND", required=True)
     run = agent_sub.add_parser("run", help="run the node agent (and its proxy) in this namespace")
     run.add_argument("--node", required=True, help="this node's name (spec.nodeName of its pods)")
-    run.add_argument("--workloads", required=True, type=Path,
-                     help="YAML file of Kubernetes-style Pods, Namespaces, Services")
+    run.add_argument("--source", choices=("file", "kubernetes"), default="file",
+                     help="where workloads come from: a YAML file, or the API server")
+    run.add_argument("--workloads", type=Path, default=None,
+                     help="YAML file of Kubernetes-style Pods, Namespaces, Services "
+                          "(required with --source file)")
+    _kubernetes_arguments(run)
     run.add_argument("--ca-url", required=True, help="https://HOST:PORT of the CA")
     run.add_argument("--ca-root", required=True, type=Path, help="the CA's root certificate")
     run.add_argument("--token-file", required=True, type=Path, help="this node's credential")
     run.add_argument("--trust-domain", default="cluster.local")
     run.add_argument("--metrics", default="127.0.0.1:15020", help="HOST:PORT for /metrics")
     run.add_argument("--readiness", default="0.0.0.0:15021", help="HOST:PORT for /healthz/ready")
-    run.add_argument("--redirect", default="iptables", help="redirection mode: iptables")
+    run.add_argument("--redirect", default="iptables", choices=("iptables", "ebpf"),
+                     help="redirection mode inside pods")
+    run.add_argument("--redirect-fallback", default="", choices=("", "iptables"),
+                     help="with --redirect ebpf on a host that cannot do eBPF: fall back "
+                          "to this mode instead of stopping")
+    run.add_argument("--bpf-root", default="",
+                     help="bpffs directory for eBPF mode's pins "
+                          "(default /sys/fs/bpf/trellis/NODE)")
     run.add_argument("--root-namespace", default="trellis-system",
                      help="policies in this namespace apply mesh-wide")
+    run.add_argument("--cni-socket", type=Path, default=None,
+                     help="serve the trellis-cni plugin on this unix socket")
+    run.add_argument("--drain-seconds", type=float, default=0.0,
+                     help="on SIGTERM, wait up to this long for live connections to end")
     run.add_argument("--log-level", default="info")
     run.set_defaults(func=_agent_run)
 
@@ -44,14 +59,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     serve = ca_sub.add_parser("serve", help="serve the CA's HTTPS API")
     serve.add_argument("--state-dir", required=True, type=Path, help="holds the root key")
     serve.add_argument("--listen", default="127.0.0.1:15012", help="HOST:PORT")
-    serve.add_argument("--workloads", required=True, type=Path,
+    serve.add_argument("--source", choices=("file", "kubernetes"), default="file",
+                       help="file: --workloads and --node-tokens; kubernetes: pods from the "
+                            "API server, node agents authenticated by TokenReview")
+    serve.add_argument("--workloads", type=Path, default=None,
                        help="YAML workloads file: which identities run on which node")
-    serve.add_argument("--node-tokens", required=True, type=Path,
+    serve.add_argument("--node-tokens", type=Path, default=None,
                        help="JSON map of node name to sha256 of its token")
+    _kubernetes_arguments(serve)
+    serve.add_argument("--agent-service-account", default="trellis-system/trellis-agent",
+                       help="NAMESPACE/NAME of the node agents' service account (kubernetes)")
+    serve.add_argument("--token-audience", default="trellis-ca",
+                       help="audience of the agents' projected tokens (kubernetes)")
     serve.add_argument("--trust-domain", default="cluster.local")
     serve.add_argument("--cert-lifetime", default="24h", help="e.g. 24h, 30m, 90s")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=_ca_serve)
+
+
+def _kubernetes_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kubeconfig", type=Path, default=None,
+                        help="with --source kubernetes: default in-cluster config, "
+                             "else $KUBECONFIG or ~/.kube/config")
+    parser.add_argument("--k8s-backoff-max", type=float, default=10.0,
+                        help="seconds: cap of the retry backoff while the API server "
+                             "is unreachable")
 
 
 def parse_duration(value: str, setting: str) -> timedelta:
@@ -79,7 +111,11 @@ def _agent_run(args: argparse.Namespace) -> int:
             token_file=args.token_file,
             metrics_address=parse_hostport(args.metrics, "--metrics"),
             readiness_address=parse_hostport(args.readiness, "--readiness"),
-            redirect=args.redirect, root_namespace=args.root_namespace)
+            redirect=args.redirect, root_namespace=args.root_namespace,
+            bpf_root=args.bpf_root, redirect_fallback=args.redirect_fallback,
+            cni_socket=args.cni_socket, drain_s=args.drain_seconds,
+            source=args.source, kubeconfig=args.kubeconfig,
+            k8s_backoff_max_s=args.k8s_backoff_max)
     except ConfigError as exc:
         return _fail(str(exc))
     logging.getLogger().setLevel(args.log_level.upper())
@@ -92,6 +128,11 @@ def _ca_serve(args: argparse.Namespace) -> int:
     try:
         host, port = parse_hostport(args.listen, "--listen")
         lifetime = parse_duration(args.cert_lifetime, "--cert-lifetime")
+        if args.source == "file":
+            for flag, value in (("--workloads", args.workloads),
+                                ("--node-tokens", args.node_tokens)):
+                if value is None:
+                    raise ConfigError(f"{flag}: required with --source file")
     except ConfigError as exc:
         return _fail(str(exc))
     logging.getLogger().setLevel(args.log_level.upper())
@@ -101,23 +142,20 @@ def _ca_serve(args: argparse.Namespace) -> int:
 async def _serve_ca(args: argparse.Namespace, host: str, port: int, lifetime: timedelta) -> None:
     from identity.ca import CertificateAuthority
     from identity.ca_server import CaServerConfig, serve_ca
-    from identity.node_auth import StaticTokenAuthenticator
-    from nodeagent.ca_registry import SnapshotRegistry
-    from nodeagent.source_file import FileSource
-    from tunnel import tasks
+    from identity.node_auth import NodeAuthenticator, StaticTokenAuthenticator
+    from nodeagent.ca_k8s import follow_registry
 
+    # On Kubernetes --state-dir is the mounted root-key Secret.
     ca = CertificateAuthority.load_or_create(args.state_dir, args.trust_domain)
-    authenticator = StaticTokenAuthenticator.from_file(args.node_tokens)
-    registry = SnapshotRegistry()
-    source = FileSource(args.workloads, node="", trust_domain=args.trust_domain)
-    snapshots = source.snapshots()
-    registry.update(await anext(snapshots))
+    authenticator: NodeAuthenticator
+    if args.source == "kubernetes":
+        registry, authenticator = await _kubernetes_ca(args)
+    else:
+        from nodeagent.source_file import FileSource
 
-    async def follow() -> None:
-        async for snapshot in snapshots:
-            registry.update(snapshot)
-
-    tasks.spawn(follow(), name="ca workload source")
+        authenticator = StaticTokenAuthenticator.from_file(args.node_tokens)
+        registry, _follower = await follow_registry(
+            FileSource(args.workloads, node="", trust_domain=args.trust_domain))
     server = await serve_ca(
         CaServerConfig(host=host, port=port, lifetime=lifetime, trust_domain=args.trust_domain),
         ca, registry, authenticator)
@@ -129,6 +167,22 @@ async def _serve_ca(args: argparse.Namespace, host: str, port: int, lifetime: ti
                                               "trust_domain": args.trust_domain}})
     await stop.wait()
     server.close()
+
+
+async def _kubernetes_ca(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from nodeagent.ca_k8s import kubernetes_ca_inputs, parse_service_account
+    from nodeagent.k8s_client import api_client, load_configuration
+
+    try:
+        account = parse_service_account(args.agent_service_account, "--agent-service-account")
+        configuration = await load_configuration(args.kubeconfig)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    inputs = await kubernetes_ca_inputs(
+        lambda: api_client(configuration), trust_domain=args.trust_domain,
+        agent_service_account=account, audience=args.token_audience,
+        backoff_max_s=args.k8s_backoff_max)
+    return inputs.registry, inputs.authenticator
 
 
 def _run(main) -> int:  # type: ignore[no-untyped-def]

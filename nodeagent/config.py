@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 
 from tunnel.config import ConfigError, ProxyConfig
 
-REDIRECT_MODES = ("iptables",)
+REDIRECT_MODES = ("iptables", "ebpf")
 
 
 def parse_hostport(value: str, setting: str) -> tuple[str, int]:
@@ -26,23 +26,53 @@ def parse_hostport(value: str, setting: str) -> tuple[str, int]:
 @dataclass(frozen=True, slots=True)
 class AgentConfig:
     proxy: ProxyConfig
-    workloads_file: Path
+    workloads_file: Path | None  # required with source "file"
     ca_url: str
     ca_root: Path
     token_file: Path
     metrics_address: tuple[str, int] = ("127.0.0.1", 15020)
     readiness_address: tuple[str, int] = ("0.0.0.0", 15021)
     redirect: str = "iptables"
+    # eBPF mode: where its maps and links are pinned; "" = /sys/fs/bpf/trellis/<node>.
+    bpf_root: str = ""
+    # eBPF mode on a host that cannot do it: "" stops the agent, "iptables" falls back.
+    redirect_fallback: str = ""
     root_namespace: str = "trellis-system"
     cert_fetch_timeout_s: float = 10.0
     reconcile_interval_s: float = 1.0
+    # Unix socket for the trellis-cni plugin (nodeagent/cni_server.py); None: no CNI hook.
+    cni_socket: Path | None = None
+    # On SIGTERM, wait this long for live connections to end (0: stop at once).
+    drain_s: float = 0.0
+    source: str = "file"  # "file" (--workloads) or "kubernetes" (the API server)
+    kubeconfig: Path | None = None  # None: in-cluster config, else the default kubeconfig
+    # Cap of the exponential backoff while the API server is unreachable.
+    k8s_backoff_max_s: float = 10.0
 
     def __post_init__(self) -> None:
         url = urlsplit(self.ca_url)
         if url.scheme != "https" or not url.hostname:
             raise ConfigError(f"ca_url: {self.ca_url!r} must be an https:// URL")
+        if self.source not in ("file", "kubernetes"):
+            raise ConfigError(f"source: {self.source!r} is not one of ('file', 'kubernetes')")
+        if self.source == "file" and self.workloads_file is None:
+            raise ConfigError("workloads_file: required with source 'file' (--workloads)")
+        if self.kubeconfig is not None and not self.kubeconfig.is_file():
+            raise ConfigError(f"kubeconfig: {str(self.kubeconfig)!r} is not a readable file")
+        if not 0.5 <= self.k8s_backoff_max_s <= 300:
+            raise ConfigError(f"k8s_backoff_max_s: {self.k8s_backoff_max_s!r} is not "
+                              "between 0.5 and 300 seconds")
         if self.redirect not in REDIRECT_MODES:
             raise ConfigError(f"redirect: {self.redirect!r} is not one of {REDIRECT_MODES}")
+        if self.redirect_fallback not in ("", "iptables"):
+            raise ConfigError(f"redirect_fallback: {self.redirect_fallback!r} is not "
+                              "'iptables' or empty")
+        if self.bpf_root and not self.bpf_root.startswith("/sys/fs/bpf/"):
+            raise ConfigError(f"bpf_root: {self.bpf_root!r} is not under /sys/fs/bpf/")
+        if self.drain_s < 0:
+            raise ConfigError(f"drain_s: {self.drain_s} is negative")
+        if self.cni_socket is not None and not self.cni_socket.is_absolute():
+            raise ConfigError(f"cni_socket: {str(self.cni_socket)!r} is not an absolute path")
         for setting, path in (("ca_root", self.ca_root), ("token_file", self.token_file)):
             if not path.is_file():
                 raise ConfigError(f"{setting}: {str(path)!r} is not a readable file")
@@ -51,11 +81,19 @@ class AgentConfig:
     def node(self) -> str:
         return self.proxy.node
 
+    @property
+    def effective_bpf_root(self) -> str:
+        return self.bpf_root or f"/sys/fs/bpf/trellis/{self.node}"
+
     def as_log_fields(self) -> dict[str, object]:
         return {
-            "node": self.node, "workloads_file": str(self.workloads_file),
+            "node": self.node, "source": self.source,
+            "workloads_file": str(self.workloads_file or ""),
+            "kubeconfig": str(self.kubeconfig or ""),
             "ca_url": self.ca_url, "trust_domain": self.proxy.trust_domain,
             "metrics": "{}:{}".format(*self.metrics_address),
             "readiness": "{}:{}".format(*self.readiness_address), "redirect": self.redirect,
-            "root_namespace": self.root_namespace,
+            "root_namespace": self.root_namespace, "bpf_root": self.effective_bpf_root,
+            "cni_socket": str(self.cni_socket) if self.cni_socket else "",
+            "drain_s": self.drain_s,
         }

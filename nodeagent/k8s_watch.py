@@ -153,6 +153,9 @@ _KEEP = {
              "selector"),
     "status": ("podIP",),
 }
+# An EndpointSlice's payload is top-level; of each endpoint only addresses and
+# readiness are read (not targetRef, zone, hints).
+_SLICE_ENDPOINT_KEEP = ("addresses", "conditions")
 
 
 def trim(obj: Mapping[str, Any], kind: str) -> dict[str, Any]:
@@ -165,6 +168,12 @@ def trim(obj: Mapping[str, Any], kind: str) -> dict[str, Any]:
             out[part] = {k: value[k] for k in keys if k in value}
         elif value is not None:
             out[part] = value  # a wrong type is kept, so the parser can name it
+    if kind == "EndpointSlice":
+        out["addressType"] = obj.get("addressType")
+        endpoints = obj.get("endpoints")
+        out["endpoints"] = [
+            {k: e[k] for k in _SLICE_ENDPOINT_KEEP if k in e} if isinstance(e, Mapping) else e
+            for e in endpoints] if isinstance(endpoints, list) else endpoints
     return out
 
 

@@ -2,10 +2,10 @@
 
 The rules, in one place:
 
-- Kinds read: ``Pod``, ``Namespace``, ``Service``, and ``AuthorizationPolicy``
-  from ``security.istio.io/*`` or ``security.trellis.dev/*`` (passed through
-  raw for the policy loader). ``kind: List`` is unpacked. Other kinds are
-  ignored, as kubectl output is full of them.
+- Kinds read: ``Pod``, ``Namespace``, ``Service``, ``EndpointSlice``, and
+  ``AuthorizationPolicy`` from ``security.istio.io/*`` or ``security.trellis.dev/*``
+  (passed through raw for the policy loader). ``kind: List`` is unpacked.
+  Other kinds are ignored, as kubectl output is full of them.
 - A bad object is skipped with one error naming kind, ``namespace/name`` and
   the field path; everything else in the stream is kept, so one typo cannot
   take the whole node out of the mesh.
@@ -14,13 +14,17 @@ The rules, in one place:
 - Pod uids and ``namespace/name`` keys are unique, as are Service keys; pod IPs
   and Service VIPs share one address space (the proxy looks both up by
   destination). The later duplicate is the one reported and skipped.
+- Service endpoints: when the input has EndpointSlices (always, from the API
+  server), each Service gets the ready addresses of every slice labelled
+  ``kubernetes.io/service-name: <its name>`` in its namespace, merged; a Service
+  with no slice has none. A YAML file without slices keeps the selector rule.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -31,7 +35,9 @@ from identity.spiffe import DEFAULT_TRUST_DOMAIN, Identity, InvalidIdentity
 from tunnel.state import AMBIENT, DATAPLANE_LABEL, NONE, MeshState, Service, ServicePort, Workload
 
 NETNS_ANNOTATION = "trellis.dev/netns"
+CGROUP_ANNOTATION = "trellis.dev/cgroup"
 POLICY_GROUPS = ("security.istio.io/", "security.trellis.dev/")
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 _PROTOCOLS = ("TCP", "UDP", "SCTP")
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 
@@ -219,6 +225,10 @@ def _pod(doc: _Doc, namespaces: Mapping[str, Mapping[str, str]], trust_domain: s
     if netns and not netns.startswith("/"):
         raise _Bad(f"metadata.annotations[{NETNS_ANNOTATION!r}]",
                    f"{netns!r} is not an absolute path")
+    cgroup = annotations.get(CGROUP_ANNOTATION, "")
+    if cgroup and not cgroup.startswith("/"):
+        raise _Bad(f"metadata.annotations[{CGROUP_ANNOTATION!r}]",
+                   f"{cgroup!r} is not an absolute path")
     return Workload(
         uid=f.text("metadata.uid", f"{ns}/{name}"),
         name=name,
@@ -228,9 +238,13 @@ def _pod(doc: _Doc, namespaces: Mapping[str, Mapping[str, str]], trust_domain: s
         ip=_ipv4(raw_ip, "status.podIP") if raw_ip not in (None, "") else "",
         service_account=sa,
         labels=labels,
-        enrolled=_enrolled(labels, namespaces.get(ns, _EMPTY)),
+        # A hostNetwork pod shares the node's namespace: redirecting "its" traffic
+        # would redirect the node's, so it is never enrolled (istio-cni skips it too).
+        enrolled=_enrolled(labels, namespaces.get(ns, _EMPTY))
+        and f.get("spec.hostNetwork") is not True,
         trust_domain=trust_domain,
         netns=netns,
+        cgroup=cgroup,
     )
 
 
@@ -262,6 +276,48 @@ def _service(doc: _Doc) -> Service:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Slice:
+    key: str  # its own "namespace/name"
+    service: str  # "namespace/name" of the Service it serves; "" for none
+    ready: tuple[str, ...]
+
+
+def _endpoint_slice(doc: _Doc) -> _Slice:
+    f = _Fields(doc.body)
+    name = f.text("metadata.name")
+    ns = f.text("metadata.namespace", "default")
+    service = f.text_map("metadata.labels").get(SERVICE_NAME_LABEL, "")
+    address_type = f.text("addressType")
+    ready: list[str] = []
+    for e in f.items("endpoints"):
+        addresses = e.get("addresses")
+        if not isinstance(addresses, list) or not addresses:
+            raise _Bad(e.path("addresses"), f"expected a non-empty list, got {_kind(addresses)}")
+        condition = e.get("conditions.ready")
+        if condition is not None and not isinstance(condition, bool):
+            raise _Bad(e.path("conditions.ready"), f"{condition!r} is not true or false")
+        # The mesh is IPv4: the IPv6 (dual-stack) and FQDN slices are not errors,
+        # just not ours. A missing ready condition means ready (the API's rule).
+        if address_type != "IPv4":
+            continue
+        ips = [_ipv4(a, e.path(f"addresses[{i}]")) for i, a in enumerate(addresses)]
+        if condition is not False:
+            ready += ips
+    return _Slice(f"{ns}/{name}", f"{ns}/{service}" if service else "", tuple(ready))
+
+
+def _with_endpoints(services: Iterable[Service], slices: Iterable[_Slice]) -> list[Service]:
+    """Each Service's ready addresses over all its slices; an address ready in any
+    slice is ready (during a slice split the same endpoint is briefly in two)."""
+    merged: dict[str, set[str]] = {}
+    for piece in slices:
+        merged.setdefault(piece.service, set()).update(piece.ready)
+    return [replace(s, endpoint_ips=tuple(sorted(merged.get(s.key, ()),
+                                                 key=ipaddress.ip_address)))
+            for s in services]
+
+
 class _Unique:
     """First come, first kept: a later object reusing any claimed value is reported."""
 
@@ -281,8 +337,13 @@ class _Unique:
 
 
 def parse_documents(docs: Iterable[object], *, source: str,
-                    trust_domain: str = DEFAULT_TRUST_DOMAIN, version: int = 0) -> Snapshot:
-    """Parse every document; never raises for bad content (see the module rules)."""
+                    trust_domain: str = DEFAULT_TRUST_DOMAIN, version: int = 0,
+                    endpoint_slices: bool | None = None) -> Snapshot:
+    """Parse every document; never raises for bad content (see the module rules).
+
+    ``endpoint_slices``: True when the source serves EndpointSlices (the API
+    server: a Service without slices then has no endpoints), None to decide by
+    whether the documents hold any (a YAML file)."""
     Identity.of("default", "default", trust_domain)  # a bad trust domain is a caller bug
     errors: list[str] = []
     objects = list(_flatten(docs, errors))
@@ -302,6 +363,7 @@ def parse_documents(docs: Iterable[object], *, source: str,
 
     workloads: list[Workload] = []
     services: list[Service] = []
+    slices: list[_Slice] = []
     unique = _Unique()
     for doc in objects:
         try:
@@ -318,9 +380,16 @@ def parse_documents(docs: Iterable[object], *, source: str,
                 unique.claim(doc.label(), [("address", "spec.clusterIP", svc.vip),
                                            ("service", "metadata.name", svc.key)])
                 services.append(svc)
+            elif doc.kind == "EndpointSlice":
+                piece = _endpoint_slice(doc)
+                unique.claim(doc.label(), [("endpointslice", "metadata.name", piece.key)])
+                slices.append(piece)
         except _Bad as bad:
             errors.append(f"{doc.label()}: {bad}")
 
+    if endpoint_slices or (endpoint_slices is None
+                           and any(d.kind == "EndpointSlice" for d in objects)):
+        services = _with_endpoints(services, slices)
     state = MeshState(
         workloads=tuple(workloads),
         services=tuple(services),

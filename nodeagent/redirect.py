@@ -30,6 +30,8 @@ class PodNetwork:
     key: str  # "namespace/name", for messages
     netns_path: str  # /run/netns/X or /proc/PID/ns/net
     ip: str
+    # The pod's cgroup v2 directory; only the eBPF mode needs it (it attaches there).
+    cgroup: str = ""
 
     @classmethod
     def of(cls, workload: Workload, netns_path: str = "") -> PodNetwork:
@@ -41,7 +43,7 @@ class PodNetwork:
                                 "(metadata.annotations['trellis.dev/netns'])")
         if not workload.ip:
             raise RedirectError(workload.key, "the pod has no IP (status.podIP)")
-        return cls(workload.uid, workload.key, path, workload.ip)
+        return cls(workload.uid, workload.key, path, workload.ip, workload.cgroup)
 
 
 class Redirector(Protocol):

@@ -12,26 +12,32 @@ from identity.rotation import CertificateManager
 from identity.spiffe import Identity
 from nodeagent.admin import AdminServer
 from nodeagent.agent import Reconciler
+from nodeagent.cni_server import CniServer
 from nodeagent.config import AgentConfig
-from nodeagent.iptables import IptablesRedirector
+from nodeagent.drain import drain
 from nodeagent.policies import PolicyLoader
-from nodeagent.source_file import FileSource
+from nodeagent.redirect_modes import make_redirector
+from nodeagent.sources import netns_resolver, workload_source
 from tunnel import tasks
 from tunnel.balancer import RoundRobin
+from tunnel.config import ConfigError
 from tunnel.context import ProxyInputs, StateView
 from tunnel.identities import TlsIdentities
 from tunnel.metrics import ProxyMetrics
 from tunnel.pool import HboneConnectionPool
 from tunnel.proxy import Proxy
+from tunnel.state import MeshState
 
 _log = logging.getLogger("trellis.nodeagent")
 
 
 def _certificate_manager(config: AgentConfig) -> CertificateManager:
     root_pem = config.ca_root.read_bytes()
-    token = config.token_file.read_text().strip()
 
     async def fetch(identity: Identity) -> CertBundle:
+        # Read per request: on Kubernetes this is a projected service-account
+        # token, which the kubelet rotates in place.
+        token = config.token_file.read_text().strip()
         return await request_certificate(ca_url=config.ca_url, ca_root_pem=root_pem,
                                          token=token, identity=identity)
 
@@ -50,16 +56,31 @@ async def run_agent(config: AgentConfig) -> None:
     inputs = ProxyInputs(config=config.proxy, state=StateView(), tls=tls, pool=pool,
                          metrics=metrics, balancer=RoundRobin())
     proxy = Proxy(inputs)
-    reconciler = Reconciler(config.node, proxy, IptablesRedirector(), certificates,
-                            PolicyLoader(config.root_namespace))
+    redirector = make_redirector(config.redirect, bpf_root=config.effective_bpf_root,
+                                 fallback=config.redirect_fallback)
+    reconciler = Reconciler(config.node, proxy, redirector, certificates,
+                            PolicyLoader(config.root_namespace),
+                            netns_resolver=netns_resolver(config.source))
     admin = AdminServer(metrics.registry, reconciler.not_ready_reason)
     await admin.start(config.metrics_address, config.readiness_address)
     certificates.start()
-    source = FileSource(config.workloads_file, node=config.node,
-                        trust_domain=config.proxy.trust_domain)
+    try:
+        source = await workload_source(
+            config.source, node=config.node, trust_domain=config.proxy.trust_domain,
+            workloads_file=config.workloads_file, kubeconfig=config.kubeconfig,
+            backoff_max_s=config.k8s_backoff_max_s)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    latest: list[MeshState] = []  # the CNI server decides enrollment from the last snapshot
+    cni = (CniServer(config.cni_socket, reconciler.redirector,
+                     lambda: latest[-1] if latest else None)
+           if config.cni_socket else None)
+    if cni is not None:
+        await cni.start()
 
     async def follow_source() -> None:
         async for snapshot in source.snapshots():
+            latest[:] = [snapshot.state]
             await reconciler.apply_snapshot(snapshot)
 
     async def retry_failures() -> None:
@@ -74,6 +95,10 @@ async def run_agent(config: AgentConfig) -> None:
     workers = [tasks.spawn(follow_source(), name="workload source"),
                tasks.spawn(retry_failures(), name="reconcile timer")]
     await stop.wait()
+    if cni is not None:
+        cni.close()  # new pods wait (CNI "try again later") until an agent is back
+    await drain(lambda: sum(len(p.connections) for p in proxy.pods.values()),
+                config.drain_s)
     _log.info("node agent stopping: closing listeners, keeping pod redirection")
     for worker in workers:
         worker.cancel()

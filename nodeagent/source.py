@@ -1,4 +1,4 @@
-"""The interface every workload source implements (the YAML file now, Kubernetes later)."""
+"""The interface every workload source implements (the YAML file, the Kubernetes API server)."""
 
 from __future__ import annotations
 

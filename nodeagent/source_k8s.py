@@ -2,14 +2,15 @@
 
 It list/watches, cluster-wide: Pods (all of them: the proxy maps every pod IP to a
 workload; the agent enrolls those on its node), Namespaces (their labels enroll
-pods), Services, and ``AuthorizationPolicy`` from ``security.istio.io/v1`` and
-``security.trellis.dev/v1``. Each resource has its own ``Reflector`` (list, then
-watch from the resourceVersion, 410 → relist, backoff on failures).
+pods), Services, EndpointSlices, and ``AuthorizationPolicy`` from
+``security.istio.io/v1`` and ``security.trellis.dev/v1``. Each resource has its
+own ``Reflector`` (list, then watch from the resourceVersion, 410 → relist,
+backoff on failures).
 
-Service endpoints come from each Service's selector over the pod set, exactly as
-with the YAML file source (``tunnel.state``), which is the rule the EndpointSlice
-controller applies. EndpointSlices are not watched yet: they would add readiness
-and selector-less Services, and need ``MeshState`` to accept explicit endpoints.
+Service endpoints come from the Service's EndpointSlices (``discovery.k8s.io/v1``,
+tied by the ``kubernetes.io/service-name`` label), ready endpoints only, never
+from the selector: the EndpointSlice controller already applied it, and added
+readiness, and selector-less Services get their endpoints the same way.
 
 Snapshots: none until every resource has been listed once (a partial first view
 would unenroll pods whose namespace was not listed yet); after that, a burst of
@@ -40,6 +41,8 @@ RESOURCES = (
     Resource("Namespace", "v1", "/api/v1/namespaces"),
     PODS,
     Resource("Service", "v1", "/api/v1/services"),
+    Resource("EndpointSlice", "discovery.k8s.io/v1",
+             "/apis/discovery.k8s.io/v1/endpointslices"),
     Resource("AuthorizationPolicy", "security.istio.io/v1",
              "/apis/security.istio.io/v1/authorizationpolicies"),
     Resource("AuthorizationPolicy", "security.trellis.dev/v1",
@@ -77,9 +80,12 @@ class KubernetesSource:
     async def _snapshot(self) -> Snapshot:
         objects = self._objects()  # copied on the loop; parsed off it
         self._version += 1
+        # Watching slices, a Service without one has no endpoints (yet): never
+        # fall back to its selector, which would skip readiness.
+        slices = any(r.kind == "EndpointSlice" for r in self._resources)
         snapshot = await asyncio.to_thread(
             parse_documents, objects, source="kubernetes", trust_domain=self.trust_domain,
-            version=self._version)
+            version=self._version, endpoint_slices=slices)
         for error in snapshot.errors:
             log.warning("object skipped", extra={"fields": {"node": self.node, "error": error}})
         log.info("workloads loaded", extra={"fields": {

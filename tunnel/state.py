@@ -38,6 +38,9 @@ class Workload:
     # VM file mode set the annotation trellis.dev/netns); on Kubernetes the agent
     # finds it from the pod's cgroup instead, so this stays empty.
     netns: str = ""
+    # The pod's cgroup v2 directory when the source knows it (the lab sets the
+    # annotation trellis.dev/cgroup); the eBPF redirection attaches there.
+    cgroup: str = ""
 
     @property
     def identity(self) -> Identity:
@@ -63,6 +66,10 @@ class Service:
     vip: str
     ports: tuple[ServicePort, ...]
     selector: Mapping[str, str]
+    # The endpoint addresses the source lists for this Service (its ready
+    # EndpointSlice endpoints); None means the source has none, and the selector
+    # over the workloads decides, as the EndpointSlice controller would.
+    endpoint_ips: tuple[str, ...] | None = None
 
     @property
     def hostname(self) -> str:
@@ -95,7 +102,8 @@ class MeshState:
     def __post_init__(self) -> None:
         by_ip = {w.ip: w for w in self.workloads if w.ip}
         by_vip = {s.vip: s for s in self.services if s.vip}
-        endpoints = {s.key: _select(s, self.workloads) for s in self.services}
+        endpoints = {s.key: _select(s, self.workloads) if s.endpoint_ips is None
+                     else _listed(s.endpoint_ips, by_ip) for s in self.services}
         object.__setattr__(self, "_by_ip", MappingProxyType(by_ip))
         object.__setattr__(self, "_by_vip", MappingProxyType(by_vip))
         object.__setattr__(self, "_endpoints", MappingProxyType(endpoints))
@@ -123,3 +131,11 @@ def _select(service: Service, workloads: Iterable[Workload]) -> tuple[Workload, 
         and all(w.labels.get(k) == v for k, v in service.selector.items())
     ]
     return tuple(sorted(chosen, key=lambda w: ipaddress.ip_address(w.ip)))
+
+
+def _listed(ips: Iterable[str], by_ip: Mapping[str, Workload]) -> tuple[Workload, ...]:
+    # An address that is no known workload is skipped: the proxy picks HBONE or
+    # plain TCP by the workload's enrollment, and HBONE needs the workload's
+    # identity (namespace, service account); a bare address has neither.
+    chosen = {ip: by_ip[ip] for ip in ips if ip in by_ip}
+    return tuple(sorted(chosen.values(), key=lambda w: ipaddress.ip_address(w.ip)))

@@ -17,6 +17,7 @@ from nodeagent.source_k8s import KubernetesSource
 PODS = "/api/v1/pods"
 NAMESPACES = "/api/v1/namespaces"
 SERVICES = "/api/v1/services"
+ENDPOINT_SLICES = "/apis/discovery.k8s.io/v1/endpointslices"
 ISTIO_POLICIES = "/apis/security.istio.io/v1/authorizationpolicies"
 TRELLIS_POLICIES = "/apis/security.trellis.dev/v1/authorizationpolicies"
 SNAPSHOT_WAIT_S = 10.0  # a generous bound for "a snapshot arrives"; never a speed claim
@@ -44,6 +45,19 @@ def service(name: str, vip: str, selector: dict[str, str], ns: str = "demo") -> 
             "metadata": {"name": name, "namespace": ns},
             "spec": {"clusterIP": vip, "selector": selector,
                      "ports": [{"port": 80, "targetPort": 8080, "protocol": "TCP"}]}}
+
+
+def endpoint_slice(name: str, service_name: str, endpoints: dict[str, bool | None],
+                   ns: str = "demo") -> dict[str, Any]:
+    """``endpoints``: address → ready condition (None: the condition is absent)."""
+    return {"kind": "EndpointSlice", "apiVersion": "discovery.k8s.io/v1",
+            "metadata": {"name": name, "namespace": ns,
+                         "labels": {"kubernetes.io/service-name": service_name}},
+            "addressType": "IPv4",
+            "ports": [{"port": 8080, "protocol": "TCP"}],
+            "endpoints": [{"addresses": [ip], "nodeName": "node-1",
+                           "conditions": {} if ready is None else {"ready": ready}}
+                          for ip, ready in endpoints.items()]}
 
 
 def policy(name: str, group: str, ns: str = "demo", action: str = "DENY") -> dict[str, Any]:

@@ -84,3 +84,22 @@ def test_backoff_doubles_up_to_the_cap_and_resets() -> None:
     assert backoff.delay() <= 1.2
     with pytest.raises(ValueError, match="backoff"):
         Backoff(initial_s=5, max_s=1)
+
+
+def test_an_endpoint_slice_keeps_only_addresses_and_readiness() -> None:
+    store = ObjectStore(Resource("EndpointSlice", "discovery.k8s.io/v1",
+                                 "/apis/discovery.k8s.io/v1/endpointslices"))
+    labels = {"kubernetes.io/service-name": "web"}
+    store.replace({"metadata": {"resourceVersion": "3"}, "items": [
+        {"metadata": {"name": "web-x", "namespace": "demo", "labels": labels},
+         "addressType": "IPv4", "ports": [{"port": 8080}],
+         "endpoints": [{"addresses": ["10.1.0.11"], "conditions": {"ready": False},
+                        "nodeName": "n1", "targetRef": {"kind": "Pod", "name": "web-1"}},
+                       "not-a-mapping"]}]})
+    assert store.objects["demo/web-x"] == {
+        "kind": "EndpointSlice", "apiVersion": "discovery.k8s.io/v1",
+        "metadata": {"name": "web-x", "namespace": "demo", "labels": labels},
+        "addressType": "IPv4",
+        # A wrong type is kept whole, so the parser can name it.
+        "endpoints": [{"addresses": ["10.1.0.11"], "conditions": {"ready": False}},
+                      "not-a-mapping"]}

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from fake_apiserver import FakeApiServer
 from k8s_support import (
+    ENDPOINT_SLICES,
     ISTIO_POLICIES,
     NAMESPACES,
     PODS,
@@ -18,6 +19,7 @@ from k8s_support import (
     TRELLIS_POLICIES,
     Follower,
     api_factory,
+    endpoint_slice,
     enrolled,
     names,
     namespace,
@@ -111,23 +113,36 @@ def test_pod_deletion(tmp_path: Path) -> None:
     run(tmp_path, body)
 
 
-def test_service_endpoints_follow_pods_and_selectors(tmp_path: Path) -> None:
-    def endpoints(snap) -> set[str]:  # type: ignore[no-untyped-def]
+def test_service_endpoints_follow_endpoint_slices(tmp_path: Path) -> None:
+    def endpoints(snap) -> list[str]:  # type: ignore[no-untyped-def]
         svc = snap.state.service_by_vip("10.96.0.10")
-        return {w.name for w in snap.state.endpoints(svc)} if svc else set()
+        return [w.name for w in snap.state.endpoints(svc)] if svc else []
 
     async def body(server: FakeApiServer, src: KubernetesSource, f: Follower) -> None:
-        await server.apply(SERVICES, service("web", "10.96.0.10", {"app": "web"}))
-        await f.until(lambda s: endpoints(s) == {"web-1"})
         await server.apply(PODS, pod("web-2", "10.1.0.12"))
-        await f.until(lambda s: endpoints(s) == {"web-1", "web-2"})
-        await server.apply(PODS, pod("web-1", "10.1.0.11", labels={"app": "old"}))
-        await f.until(lambda s: endpoints(s) == {"web-2"})
-        await server.apply(SERVICES, service("web", "10.96.0.10", {"app": "old"}))
-        await f.until(lambda s: endpoints(s) == {"web-1"})
+        # The selector matches both pods, but a Service without slices (the
+        # controller has not written them yet) has no endpoints.
+        await server.apply(SERVICES, service("web", "10.96.0.10", {"app": "web"}))
+        snap = await f.until(lambda s: s.state.service_by_vip("10.96.0.10") is not None)
+        assert endpoints(snap) == []
+        await server.apply(ENDPOINT_SLICES, endpoint_slice("web-a", "web", {"10.1.0.11": True}))
+        await f.until(lambda s: endpoints(s) == ["web-1"])
+        # A second slice of the same Service adds its address (no ready condition: ready).
+        await server.apply(ENDPOINT_SLICES, endpoint_slice("web-b", "web", {"10.1.0.12": None}))
+        await f.until(lambda s: endpoints(s) == ["web-1", "web-2"])
+        # An endpoint marked not ready leaves, though its pod still matches the selector.
+        await server.apply(ENDPOINT_SLICES, endpoint_slice("web-a", "web", {"10.1.0.11": False}))
+        snap = await f.until(lambda s: endpoints(s) == ["web-2"])
+        assert "web-1" in names(snap)
+        # A slice adding an address adds it; one that is no workload is skipped.
+        await server.apply(ENDPOINT_SLICES, endpoint_slice(
+            "web-b", "web", {"10.1.0.12": True, "10.1.0.11": True, "192.0.2.7": True}))
+        await f.until(lambda s: endpoints(s) == ["web-1", "web-2"])
+        await server.delete(ENDPOINT_SLICES, "demo", "web-b")
+        await f.until(lambda s: endpoints(s) == [])
         await server.delete(SERVICES, "demo", "web")
         snap = await f.until(lambda s: s.state.service_by_vip("10.96.0.10") is None)
-        assert snap.state.services == ()
+        assert snap.state.services == () and snap.errors == ()
 
     run(tmp_path, body)
 
@@ -262,7 +277,7 @@ def test_watches_that_end_at_once_are_retried_with_backoff_not_in_a_spin(
         server.drop_watches()
         before = len(server.requests)
         await asyncio.sleep(1.5)
-        # 5 resources, backoff from 0.05 s doubling to 0.5 s: about 6 tries each.
+        # 6 resources, backoff from 0.05 s doubling to 0.5 s: about 6 tries each.
         # A spin would make thousands.
         assert 5 <= len(server.requests) - before <= 60
         server.end_watches_at_once = False
