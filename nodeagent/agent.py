@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from identity.spiffe import Identity
-from nodeagent.enroll import enrolled_pods
+from nodeagent.enroll import diff, enrolled_pods
 from nodeagent.objects import Snapshot
 from nodeagent.policies import PolicyLoader
 from nodeagent.redirect import PodNetwork, Redirector
@@ -95,11 +95,19 @@ class Reconciler:
     async def reconcile(self) -> None:
         async with self._lock:
             await self._resolve_netns()
-            for uid in [u for u, s in self._served.items()
-                        if _changed(s.workload, self._desired.get(u))]:
-                await self._unenroll(uid)
+            for workload in self._stale():
+                await self._unenroll(workload.uid)
             missing = [w for uid, w in self._desired.items() if uid not in self._served]
             await asyncio.gather(*(self._enroll(w) for w in missing))
+
+    def _stale(self) -> list[Workload]:
+        """Served pods to tear down: gone, moved to another IP or namespace (from
+        ``enroll.diff``), or now running under another identity, whose
+        certificate the pod's 15008 listener would no longer present."""
+        served = {uid: s.workload for uid, s in self._served.items()}
+        changes = diff(served.values(), self._desired.values())
+        return [*changes.removed,
+                *(w for w in changes.changed if w.identity != served[w.uid].identity)]
 
     async def _resolve_netns(self) -> None:
         """Fill in the namespace of desired pods that came without one. A served pod
@@ -132,8 +140,7 @@ class Reconciler:
                 "(no running process of it in /proc yet)" if self.netns_resolver
                 else "(metadata.annotations['trellis.dev/netns'])"))
             return
-        network = PodNetwork(uid=workload.uid, key=workload.key,
-                             netns_path=workload.netns, ip=workload.ip, cgroup=workload.cgroup)
+        network = PodNetwork.of(workload)
         loop = asyncio.get_running_loop()
         try:
             await self.proxy.add_pod(workload, workload.netns)
@@ -168,10 +175,3 @@ class Reconciler:
         if self._failures.get(workload.uid) != why:
             self._failures[workload.uid] = why
             _log.error("pod not enrolled", extra={"fields": {"pod": workload.key, "error": why}})
-
-
-def _changed(served: Workload, desired: Workload | None) -> bool:
-    if desired is None:
-        return True
-    return (served.ip, served.netns, served.identity) != (desired.ip, desired.netns,
-                                                          desired.identity)

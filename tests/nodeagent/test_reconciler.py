@@ -144,3 +144,27 @@ def test_a_changed_pod_ip_is_re_enrolled() -> None:
     asyncio.run(scenario())
     assert proxy.events == ["listen a", "rules demo/a", "unrules demo/a", "unlisten demo/a",
                             "listen a", "rules demo/a"]
+
+
+def test_a_new_service_account_re_enrolls_the_pod_under_its_new_identity() -> None:
+    reconciler, proxy, _redirector, certs = make()
+
+    async def scenario() -> None:
+        await reconciler.apply_snapshot(snapshot(pod("a", "198.18.1.10")))
+        await reconciler.apply_snapshot(snapshot(pod("a", "198.18.1.10", sa="api")))
+
+    asyncio.run(scenario())
+    assert proxy.events == ["listen a", "rules demo/a", "unrules demo/a", "unlisten demo/a",
+                            "listen a", "rules demo/a"]
+    assert certs.tracked == {Identity.of("demo", "api")}
+
+
+def test_a_label_change_alone_leaves_the_pod_enrolled_as_it_is() -> None:
+    reconciler, proxy, _redirector, _ = make()
+
+    async def scenario() -> None:
+        await reconciler.apply_snapshot(snapshot(pod("a", "198.18.1.10")))
+        await reconciler.apply_snapshot(snapshot(pod("a", "198.18.1.10", mode="ambient")))
+
+    asyncio.run(scenario())
+    assert proxy.events == ["listen a", "rules demo/a"]
