@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 from lab import changes, demo, lifecycle, redirect_mode, supervisor
 from lab.errors import LabError, LabNotUp
-from lab.processes import CA_NAME, agent_name, app_name
+from lab.processes import CA_NAME, agent_name, app_name, proxy_name
 from lab.render import status_json, status_table
 from lab.state import LabDir, LabRecord, load_record
 
@@ -141,7 +141,8 @@ def _process_states(labdir: LabDir, record: LabRecord) -> dict[str, str]:
         pid = supervisor.running_pid(labdir, name)
         return f"running, pid {pid}" if pid else "NOT RUNNING"
     plan = record.plan
-    states = {n.name: state(agent_name(n)) for n in plan.nodes}
+    states = {n.name: f"agent {state(agent_name(n))}; proxy {state(proxy_name(n))}"
+              for n in plan.nodes}
     states.update({p.key: state(app_name(plan, p)) for p in plan.pods})
     return states
 

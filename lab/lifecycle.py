@@ -26,15 +26,19 @@ from lab.plan import CA_PORT, CONTROL_ADDRESS, FABRIC_BRIDGE, LabPlan, NodePlan,
 from lab.processes import (
     AGENT_PREFIX,
     CA_NAME,
+    PROXY_PREFIX,
     ProcessSpec,
     agent_name,
     agent_process,
     app_processes,
     ca_process,
+    proxy_name,
+    proxy_process,
 )
 from lab.render import dump_workloads, render_workloads
 from lab.spec import LabSpec, build_spec, load_documents
 from lab.state import (
+    ENV_PREFIX,
     LabDir,
     LabRecord,
     digest_documents,
@@ -62,6 +66,9 @@ class Mesh:
     ca: Callable[[LabPlan, LabDir], ProcessSpec]
     agent: Callable[[LabPlan, NodePlan, LabDir], ProcessSpec]
     issue_tokens: Callable[[Sequence[str], Path, Path], object]
+    # The node proxy as a process of its own, started before the agent; None: the
+    # agent runs the proxy itself (tests that substitute a one-process agent).
+    proxy: Callable[[LabPlan, NodePlan, LabDir], ProcessSpec] | None = None
 
 
 def _issue_node_tokens(nodes: Sequence[str], tokens_dir: Path, digest_file: Path) -> object:
@@ -73,7 +80,8 @@ def _issue_node_tokens(nodes: Sequence[str], tokens_dir: Path, digest_file: Path
     return issue_node_tokens(list(nodes), tokens_dir, digest_file)
 
 
-MESH = Mesh(ca=ca_process, agent=agent_process, issue_tokens=_issue_node_tokens)
+MESH = Mesh(ca=ca_process, agent=agent_process, issue_tokens=_issue_node_tokens,
+            proxy=proxy_process)
 
 
 def read_description(path: str | None) -> Description:
@@ -97,12 +105,14 @@ def read_documents(path: str) -> list[dict[str, Any]]:
 
 
 def up(labdir: LabDir, description: Description, mesh: Mesh | None, out: Out,
-       redirect: str | None = None) -> None:
+       redirect: str | None = None, prefix: str | None = None) -> None:
     """Make the lab described (with the mesh unless ``mesh`` is None), or finish making it.
-    ``redirect`` picks the mode (lab/redirect_mode.py); None keeps the lab's."""
+    ``redirect`` picks the mode (lab/redirect_mode.py); None keeps the lab's. ``prefix``
+    names a new lab's namespaces (None: $TRELLIS_LAB_NETNS_PREFIX); a lab that is up
+    keeps its own."""
     with locked(labdir, create=True):
         redirect_mode.choose_mode(labdir, redirect, load_record(labdir) is not None)
-        record = _record_for(labdir, description, mesh is not None)
+        record = _record_for(labdir, description, mesh is not None, prefix)
         save_record(labdir, record)
         spec = build_spec(record.documents, record.source)
         steps = _steps(labdir, record.plan, spec, mesh)
@@ -124,10 +134,13 @@ def down(labdir: LabDir, out: Out) -> None:
         record = _load_record_leniently(labdir)
         prefix = record.plan.prefix if record else netns_prefix()
         names = supervisor.pid_file_names(labdir)
-        # Agents first, while pods still exist: they take their rules out of the pods.
+        # Agents first, then proxies, while pods still exist.
         agents = [n for n in names if n.startswith(AGENT_PREFIX)]
+        proxies = [n for n in names if n.startswith(PROXY_PREFIX)]
         stopped = supervisor.stop(labdir, agents)
-        stopped += supervisor.stop(labdir, [n for n in names if n not in agents])
+        stopped += supervisor.stop(labdir, proxies)
+        stopped += supervisor.stop(labdir, [n for n in names
+                                            if n not in agents and n not in proxies])
         namespaces = network.lab_namespaces(prefix)
         strays = supervisor.processes_in(namespaces)
         supervisor.terminate(strays)
@@ -174,12 +187,14 @@ def start_and_wait(labdir: LabDir, specs: Sequence[ProcessSpec]) -> int:
     return len(missing)
 
 
-def _record_for(labdir: LabDir, description: Description, mesh: bool) -> LabRecord:
+def _record_for(labdir: LabDir, description: Description, mesh: bool,
+                prefix: str | None = None) -> LabRecord:
     digest = digest_documents(description.documents)
     record = load_record(labdir)
     if record is None:
         spec = build_spec(description.documents, description.source)
-        plan = plan_lab(spec, netns_prefix())
+        # A given prefix is checked as the environment's is (it must start with "tlab-").
+        plan = plan_lab(spec, netns_prefix({ENV_PREFIX: prefix}) if prefix else netns_prefix())
         return LabRecord(plan, description.documents, description.source, digest, mesh)
     if record.source_digest != digest:
         raise LabError(f"a different lab is up (from {record.source}); change it with "
@@ -227,8 +242,15 @@ def _steps(labdir: LabDir, plan: LabPlan, spec: LabSpec,
         return f"ca: ready at https://{CONTROL_ADDRESS}:{CA_PORT}", started > 0
 
     def agent_step(node: NodePlan) -> Callable[[], tuple[str, bool]]:
-        return lambda: (f"{node.name}: agent ready",
-                        start_and_wait(labdir, [mesh.agent(plan, node, labdir)]) > 0)
+        def step() -> tuple[str, bool]:
+            # The proxy first: the agent hands it pods as soon as it runs.
+            started = 0
+            if mesh.proxy is not None:
+                started += start_and_wait(labdir, [mesh.proxy(plan, node, labdir)])
+            started += start_and_wait(labdir, [mesh.agent(plan, node, labdir)])
+            what = "proxy and agent" if mesh.proxy is not None else "agent"
+            return f"{node.name}: {what} ready", started > 0
+        return step
 
     steps.append(("ca", ca))
     steps.extend((f"{n.name} agent", agent_step(n)) for n in plan.nodes)
@@ -236,7 +258,8 @@ def _steps(labdir: LabDir, plan: LabPlan, spec: LabSpec,
 
 
 def _mesh_off(labdir: LabDir, plan: LabPlan) -> tuple[str, bool]:
-    names = [agent_name(n) for n in plan.nodes] + [CA_NAME]
+    names = ([agent_name(n) for n in plan.nodes] + [proxy_name(n) for n in plan.nodes]
+             + [CA_NAME])
     stopped = supervisor.stop(labdir, names)
     return ("mesh: off (--no-mesh)" + (f", stopped {stopped} processes" if stopped else ""),
             stopped > 0)

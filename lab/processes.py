@@ -7,10 +7,18 @@ in one place:
 
     trellis ca serve --state-dir DIR/ca --listen 198.18.0.1:15012
         --workloads DIR/workloads.yaml --node-tokens DIR/tokens/digests.json
-    trellis agent run --node NODE --workloads DIR/workloads.yaml
+    trellis proxy run --node NODE --workloads DIR/workloads.yaml
         --ca-url https://198.18.0.1:15012 --ca-root DIR/ca/root-cert.pem
-        --token-file DIR/tokens/NODE.token
+        --token-file DIR/tokens/NODE.token --control-socket DIR/sockets/NODE.sock
+    trellis agent run --node NODE --workloads DIR/workloads.yaml
+        --control-socket DIR/sockets/NODE.sock --metrics 127.0.0.1:15014
+        --readiness 127.0.0.1:15015 [--redirect ebpf ...]
     python -m lab.app --name POD --port 8080
+
+A node runs two mesh processes, as an ambient node does (istio-cni and
+ztunnel): the proxy, which binds the pods' listeners and carries their traffic,
+and the agent, which enrolls pods and hands their namespaces to the proxy. Either
+can be killed and restarted alone; pods keep working while the agent is down.
 
 Each runs as ``ip netns exec <namespace> <python> -m …``.
 """
@@ -26,8 +34,10 @@ from lab.plan import APP_PORT, CA_PORT, CONTROL_ADDRESS, LabPlan, NodePlan, PodP
 from lab.redirect_mode import agent_arguments
 from lab.state import LabDir
 
-METRICS_PORT = 15020
+METRICS_PORT = 15020  # the proxy's, as ztunnel's
 READINESS_PORT = 15021
+AGENT_METRICS_PORT = 15014  # the agent's own, as istio-cni's monitoring port
+AGENT_READINESS_PORT = 15015
 # Ports the node's proxy binds inside every enrolled pod (ARCHITECTURE.md, "Ports").
 IN_POD_PORTS = ((15001, "outbound capture"), (15006, "inbound plaintext"),
                 (15008, "HBONE inbound"))
@@ -37,10 +47,12 @@ CA_SERVER_NAME = "trellis-ca"
 
 CA_NAME = "ca"
 AGENT_PREFIX = "agent-"
+PROXY_PREFIX = "proxy-"
 
 APP_READY_SECONDS = 10.0
 CA_READY_SECONDS = 30.0
 AGENT_READY_SECONDS = 30.0
+PROXY_READY_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -112,11 +124,33 @@ def ca_process(plan: LabPlan, labdir: LabDir, python: str = sys.executable) -> P
     )
 
 
-def agent_process(plan: LabPlan, node: NodePlan, labdir: LabDir,
+def proxy_process(plan: LabPlan, node: NodePlan, labdir: LabDir,
                   python: str = sys.executable) -> ProcessSpec:
     pod_ports = tuple(Port(f"Pod {pod.key}", pod.netns, port, what)
                       for pod in plan.pods_on(node.name) if pod.enrolled
                       for port, what in IN_POD_PORTS)
+    return ProcessSpec(
+        name=proxy_name(node),
+        label=f"{node.name}: proxy",
+        netns=node.netns,
+        argv=(python, "-m", "trellis", "proxy", "run",
+              "--node", node.name,
+              "--workloads", str(labdir.workloads),
+              "--ca-url", f"https://{CONTROL_ADDRESS}:{CA_PORT}",
+              "--ca-root", str(labdir.ca_root),
+              "--token-file", str(labdir.token(node.name)),
+              "--control-socket", str(labdir.control_socket(node.name))),
+        ready=Probe(node.netns, "127.0.0.1", READINESS_PORT, "/healthz/ready"),
+        ready_seconds=PROXY_READY_SECONDS,
+        ports=(Port(f"Node {node.name}", node.netns, METRICS_PORT, "proxy metrics"),
+               Port(f"Node {node.name}", node.netns, READINESS_PORT, "proxy readiness"),
+               *pod_ports),
+    )
+
+
+def agent_process(plan: LabPlan, node: NodePlan, labdir: LabDir,
+                  python: str = sys.executable) -> ProcessSpec:
+    redirect = agent_arguments(labdir, plan, node.name)
     return ProcessSpec(
         name=agent_name(node),
         label=f"{node.name}: agent",
@@ -124,16 +158,16 @@ def agent_process(plan: LabPlan, node: NodePlan, labdir: LabDir,
         argv=(python, "-m", "trellis", "agent", "run",
               "--node", node.name,
               "--workloads", str(labdir.workloads),
-              "--ca-url", f"https://{CONTROL_ADDRESS}:{CA_PORT}",
-              "--ca-root", str(labdir.ca_root),
-              "--token-file", str(labdir.token(node.name)),
-              *agent_arguments(labdir, plan, node.name)),
-        host_mounts=bool(agent_arguments(labdir, plan, node.name)),
-        ready=Probe(node.netns, "127.0.0.1", READINESS_PORT, "/healthz/ready"),
+              "--control-socket", str(labdir.control_socket(node.name)),
+              "--metrics", f"127.0.0.1:{AGENT_METRICS_PORT}",
+              "--readiness", f"127.0.0.1:{AGENT_READINESS_PORT}",
+              *redirect),
+        host_mounts=bool(redirect),
+        ready=Probe(node.netns, "127.0.0.1", AGENT_READINESS_PORT, "/healthz/ready"),
         ready_seconds=AGENT_READY_SECONDS,
-        ports=(Port(f"Node {node.name}", node.netns, METRICS_PORT, "metrics"),
-               Port(f"Node {node.name}", node.netns, READINESS_PORT, "readiness"),
-               *pod_ports),
+        ports=(Port(f"Node {node.name}", node.netns, AGENT_METRICS_PORT, "agent metrics"),
+               Port(f"Node {node.name}", node.netns, AGENT_READINESS_PORT,
+                    "agent readiness")),
     )
 
 
@@ -146,10 +180,11 @@ def agent_name(node: NodePlan) -> str:
     return f"{AGENT_PREFIX}{node.name}"
 
 
+def proxy_name(node: NodePlan) -> str:
+    return f"{PROXY_PREFIX}{node.name}"
+
+
 def app_processes(plan: LabPlan,
                   cgroups: Mapping[str, str] = MappingProxyType({})) -> tuple[ProcessSpec, ...]:
     return tuple(app_process(plan, pod, cgroup=cgroups.get(pod.key, "")) for pod in plan.pods)
 
-
-def agent_processes(plan: LabPlan, labdir: LabDir) -> tuple[ProcessSpec, ...]:
-    return tuple(agent_process(plan, node, labdir) for node in plan.nodes)

@@ -84,7 +84,7 @@ def status_json(plan: LabPlan) -> dict[str, Any]:
 
 def status_table(plan: LabPlan, states: Mapping[str, str], mesh: bool) -> str:
     """A readable summary; ``states`` maps node/pod names to what their process is doing."""
-    nodes = [("NODE", "NETNS", "ADDRESS", "UPLINK", "PODS", "AGENT")]
+    nodes = [("NODE", "NETNS", "ADDRESS", "UPLINK", "PODS", "MESH PROCESSES")]
     nodes += [(n.name, n.netns, n.address, n.uplink, n.pod_subnet,
                states.get(n.name, "-") if mesh else "off (--no-mesh)") for n in plan.nodes]
     pods = [("POD", "NODE", "IP", "SERVICE ACCOUNT", "MESH", "APP")]

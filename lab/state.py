@@ -79,6 +79,14 @@ class LabDir:
     def pids(self) -> Path:
         return self.root / "pids"
 
+    @property
+    def sockets(self) -> Path:
+        return self.root / "sockets"
+
+    def control_socket(self, node: str) -> Path:
+        """Where node ``node``'s proxy listens for its agent."""
+        return self.sockets / f"{node}.sock"
+
     def token(self, node: str) -> Path:
         return self.tokens / f"{node}.token"
 
@@ -90,7 +98,8 @@ class LabDir:
 
     def entries(self) -> tuple[Path, ...]:
         """What the lab may have created here; `down` removes these and nothing else."""
-        made = (self.workloads, self.record, self.ca, self.tokens, self.logs, self.pids)
+        made = (self.workloads, self.record, self.ca, self.tokens, self.logs, self.pids,
+                self.sockets)
         # Temporary files of a write_atomic() that was interrupted.
         temps = tuple(p for p in self.root.glob(".*") if p.name.startswith(
             (f".{self.workloads.name}.", f".{self.record.name}."))) if self.root.is_dir() else ()

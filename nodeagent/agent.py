@@ -7,35 +7,32 @@ simply not served yet, so the next pass retries it; nothing else waits on it.
 
 Per pod, enrollment runs certificate → listeners → rules, so redirected traffic
 never meets a missing listener; removal runs rules → listeners.
+
+The proxy may live in another process (nodeagent/proxy_link.py). When the link
+to it is new, the proxy may hold pods this agent never told it about (the agent
+restarted) or have lost them all (the proxy restarted), so the reconciler
+replays every pod it serves and then says ``snapshot_sent``; the proxy keeps
+what was named, without a blip, and drops the rest. The pods' redirection is
+never touched by a replay: it is idempotent and stays in place throughout.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
 
-from identity.spiffe import Identity
 from nodeagent.enroll import diff, enrolled_pods
 from nodeagent.objects import Snapshot
-from nodeagent.policies import PolicyLoader
+from nodeagent.proxy_link import PodProxy
 from nodeagent.redirect import PodNetwork, Redirector
-from tunnel.proxy import Proxy
 from tunnel.state import Workload
 
 _log = logging.getLogger("trellis.nodeagent")
-
-
-class CertificateTracker(Protocol):
-    """The part of identity.rotation.CertificateManager the reconciler needs."""
-
-    def track(self, identity: Identity) -> None: ...
-
-    def untrack(self, identity: Identity) -> None: ...
 
 
 # Finds the network namespace of pods whose source does not name one (Kubernetes):
@@ -52,19 +49,24 @@ class _Served:
 @dataclass
 class Reconciler:
     node: str
-    proxy: Proxy
+    proxy: PodProxy
     redirector: Redirector
-    certificates: CertificateTracker
-    policies: PolicyLoader
     netns_resolver: NetnsResolver | None = None
     _served: dict[str, _Served] = field(default_factory=dict)
     _desired: dict[str, Workload] = field(default_factory=dict)
     _failures: dict[str, str] = field(default_factory=dict)
-    _tracked: frozenset[Identity] = frozenset()
+    _have_snapshot: bool = False
     _synced: bool = False
+    # The proxy link generation the served pods were told to; None: none yet.
+    _generation: int | None = None
+    _replay_pending: bool = False
+    _untold: set[str] = field(default_factory=set)  # served pods a new link has not heard of
+    _proxy_error: str = ""
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def not_ready_reason(self) -> str | None:
+        if self._proxy_error:
+            return self._proxy_error
         if not self._synced:
             return "waiting for the first workload snapshot"
         pending = sorted(set(self._desired) - set(self._served))
@@ -73,32 +75,76 @@ class Reconciler:
             return f"{len(pending)} enrolled pods not served yet: {names}"
         return None
 
+    @property
+    def served_count(self) -> int:
+        return len(self._served)
+
     async def apply_snapshot(self, snapshot: Snapshot) -> None:
-        self.proxy.update_state(snapshot.state)
-        closed = self.proxy.update_policies(self.policies.load(snapshot.policies,
-                                                               snapshot.source))
-        if closed:
-            _log.info("policy update closed live connections", extra={"fields": {
-                "closed": closed}})
         self._desired = {w.uid: w for w in enrolled_pods(snapshot.state, self.node)}
-        # Fetch certificates only for identities that run here, and stop
-        # renewing those that no longer do.
-        wanted = frozenset(w.identity for w in self._desired.values())
-        for identity in wanted - self._tracked:
-            self.certificates.track(identity)
-        for identity in self._tracked - wanted:
-            self.certificates.untrack(identity)
-        self._tracked = wanted
+        self._have_snapshot = True
         await self.reconcile()
         self._synced = True
 
     async def reconcile(self) -> None:
+        # Before the first snapshot the agent knows no pods, and a replay would
+        # tell the proxy to drop every pod it serves.
+        if not self._have_snapshot:
+            return
         async with self._lock:
+            linked = await self._link()
             await self._resolve_netns()
+            # Unenrolling needs no proxy: taking the redirection out is what
+            # matters, and the proxy forgets the pod at the latest on the next
+            # replay.
             for workload in self._stale():
                 await self._unenroll(workload.uid)
+            if not linked:
+                return
+            retell = [self._served[uid].workload for uid in self._untold if uid in self._served]
             missing = [w for uid, w in self._desired.items() if uid not in self._served]
-            await asyncio.gather(*(self._enroll(w) for w in missing))
+            await asyncio.gather(*(self._retell(w) for w in retell),
+                                 *(self._enroll(w) for w in missing))
+            if self._replay_pending and not self._untold.intersection(self._served):
+                await self._end_replay()
+
+    async def _link(self) -> bool:
+        """Make sure the proxy is reachable; on a new link, start a replay."""
+        try:
+            generation = await self.proxy.connect()
+        except OSError as exc:
+            if self._proxy_error != str(exc):
+                _log.error("node proxy unreachable; pods keep their redirection",
+                           extra={"fields": {"error": str(exc)}})
+            self._proxy_error = str(exc)
+            return False
+        self._proxy_error = ""
+        if generation != self._generation:
+            # What the old link was told is unknown to the new one: tell it again.
+            self._generation = generation
+            self._untold = set(self._served)
+            self._replay_pending = True
+        return True
+
+    async def _retell(self, workload: Workload) -> None:
+        """Tell a new link about a pod already enrolled; its redirection stays as is."""
+        try:
+            await self.proxy.add_pod(workload, self._served[workload.uid].network.netns_path)
+        except (TimeoutError, OSError, ValueError) as exc:
+            self._fail(workload, f"listeners: {exc or 'certificate timeout'}")
+            return
+        self._untold.discard(workload.uid)
+        self._failures.pop(workload.uid, None)
+
+    async def _end_replay(self) -> None:
+        try:
+            await self.proxy.snapshot_sent()
+        except OSError as exc:
+            _log.warning("replay not finished; will retry", extra={"fields": {
+                "error": str(exc)}})
+            return
+        self._replay_pending = False
+        _log.info("proxy told every served pod", extra={"fields": {
+            "served": len(self._served)}})
 
     def _stale(self) -> list[Workload]:
         """Served pods to tear down: gone, moved to another IP or namespace (from
@@ -150,7 +196,8 @@ class Reconciler:
         try:
             await loop.run_in_executor(None, self.redirector.apply, network)
         except (OSError, ValueError) as exc:
-            await self.proxy.remove_pod(workload.uid)
+            with contextlib.suppress(OSError):
+                await self.proxy.remove_pod(workload.uid)
             self._fail(workload, f"redirection: {exc}")
             return
         self._served[workload.uid] = _Served(workload, network)
@@ -167,7 +214,12 @@ class Reconciler:
             # The namespace may already be gone with its pod; nothing is left to undo.
             _log.warning("removing redirection failed", extra={"fields": {
                 "pod": served.workload.key, "error": str(exc)}})
-        await self.proxy.remove_pod(uid)
+        try:
+            await self.proxy.remove_pod(uid)
+        except OSError as exc:
+            # The next link's replay leaves it out, so the proxy drops it then.
+            _log.warning("proxy did not take the removal yet", extra={"fields": {
+                "pod": served.workload.key, "error": str(exc)}})
         _log.info("pod unenrolled", extra={"fields": {"pod": served.workload.key}})
 
     def _fail(self, workload: Workload, why: str) -> None:

@@ -1,4 +1,4 @@
-"""`trellis agent run` and `trellis ca serve`: the long-running processes of a node.
+"""`trellis agent run`, `trellis proxy run` and `trellis ca serve`: a node's long-running processes.
 
 The CA command lives here rather than in identity/ because the CA needs a
 workload source to know which identities run on which node, and sources belong
@@ -21,22 +21,15 @@ _log = logging.getLogger("trellis.cli")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    agent = subparsers.add_parser("agent", help="the per-node agent and proxy")
+    agent = subparsers.add_parser("agent", help="the per-node agent (and, alone, its proxy)")
     agent_sub = agent.add_subparsers(dest="agent_command", metavar="COMMAND", required=True)
-    run = agent_sub.add_parser("run", help="run the node agent (and its proxy) in this namespace")
-    run.add_argument("--node", required=True, help="this node's name (spec.nodeName of its pods)")
-    run.add_argument("--source", choices=("file", "kubernetes"), default="file",
-                     help="where workloads come from: a YAML file, or the API server")
-    run.add_argument("--workloads", type=Path, default=None,
-                     help="YAML file of Kubernetes-style Pods, Namespaces, Services "
-                          "(required with --source file)")
-    _kubernetes_arguments(run)
-    run.add_argument("--ca-url", required=True, help="https://HOST:PORT of the CA")
-    run.add_argument("--ca-root", required=True, type=Path, help="the CA's root certificate")
-    run.add_argument("--token-file", required=True, type=Path, help="this node's credential")
-    run.add_argument("--trust-domain", default="cluster.local")
-    run.add_argument("--metrics", default="127.0.0.1:15020", help="HOST:PORT for /metrics")
-    run.add_argument("--readiness", default="0.0.0.0:15021", help="HOST:PORT for /healthz/ready")
+    run = agent_sub.add_parser(
+        "run", help="run the node agent in this namespace: with --control-socket it drives "
+                    "a `trellis proxy run` process, else it runs the proxy itself")
+    _node_arguments(run, ca_required=False)
+    run.add_argument("--control-socket", type=Path, default=None,
+                     help="drive the node proxy listening on this unix socket "
+                          "(`trellis proxy run`); without it the agent runs the proxy")
     run.add_argument("--redirect", default="iptables", choices=("iptables", "ebpf"),
                      help="redirection mode inside pods")
     run.add_argument("--redirect-fallback", default="", choices=("", "iptables"),
@@ -45,14 +38,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     run.add_argument("--bpf-root", default="",
                      help="bpffs directory for eBPF mode's pins "
                           "(default /sys/fs/bpf/trellis/NODE)")
-    run.add_argument("--root-namespace", default="trellis-system",
-                     help="policies in this namespace apply mesh-wide")
     run.add_argument("--cni-socket", type=Path, default=None,
                      help="serve the trellis-cni plugin on this unix socket")
     run.add_argument("--drain-seconds", type=float, default=0.0,
-                     help="on SIGTERM, wait up to this long for live connections to end")
-    run.add_argument("--log-level", default="info")
+                     help="running the proxy itself: on SIGTERM, wait up to this long "
+                          "for live connections to end")
     run.set_defaults(func=_agent_run)
+
+    proxy = subparsers.add_parser("proxy", help="the node proxy (ztunnel's part)")
+    proxy_sub = proxy.add_subparsers(dest="proxy_command", metavar="COMMAND", required=True)
+    prun = proxy_sub.add_parser(
+        "run", help="run the node proxy; it serves the pods a node agent hands it over "
+                    "--control-socket, and keeps serving them while the agent restarts")
+    _node_arguments(prun, ca_required=True)
+    prun.add_argument("--control-socket", type=Path, required=True,
+                      help="unix socket the node agent connects to")
+    prun.add_argument("--drain-seconds", type=float, default=0.0,
+                      help="on SIGTERM, wait up to this long for live connections to end")
+    prun.set_defaults(func=_proxy_run)
 
     ca = subparsers.add_parser("ca", help="the workload certificate authority")
     ca_sub = ca.add_subparsers(dest="ca_command", metavar="COMMAND", required=True)
@@ -75,6 +78,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     serve.add_argument("--cert-lifetime", default="24h", help="e.g. 24h, 30m, 90s")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=_ca_serve)
+
+
+def _node_arguments(parser: argparse.ArgumentParser, *, ca_required: bool) -> None:
+    parser.add_argument("--node", required=True,
+                        help="this node's name (spec.nodeName of its pods)")
+    parser.add_argument("--source", choices=("file", "kubernetes"), default="file",
+                        help="where workloads come from: a YAML file, or the API server")
+    parser.add_argument("--workloads", type=Path, default=None,
+                        help="YAML file of Kubernetes-style Pods, Namespaces, Services "
+                             "(required with --source file)")
+    _kubernetes_arguments(parser)
+    where = "" if ca_required else " (needed unless --control-socket)"
+    parser.add_argument("--ca-url", required=ca_required, default="",
+                        help=f"https://HOST:PORT of the CA{where}")
+    parser.add_argument("--ca-root", required=ca_required, type=Path, default=None,
+                        help=f"the CA's root certificate{where}")
+    parser.add_argument("--token-file", required=ca_required, type=Path, default=None,
+                        help=f"this node's credential{where}")
+    parser.add_argument("--trust-domain", default="cluster.local")
+    parser.add_argument("--metrics", default="127.0.0.1:15020", help="HOST:PORT for /metrics")
+    parser.add_argument("--readiness", default="0.0.0.0:15021",
+                        help="HOST:PORT for /healthz/ready")
+    parser.add_argument("--root-namespace", default="trellis-system",
+                        help="policies in this namespace apply mesh-wide")
+    parser.add_argument("--log-level", default="info")
 
 
 def _kubernetes_arguments(parser: argparse.ArgumentParser) -> None:
@@ -100,26 +128,37 @@ def _fail(message: str) -> int:
 
 
 def _agent_run(args: argparse.Namespace) -> int:
-    from nodeagent.config import AgentConfig, parse_hostport
     from nodeagent.run import run_agent
+
+    return _run_node_process(args, run_agent, role="agent", redirect=args.redirect,
+                             bpf_root=args.bpf_root, redirect_fallback=args.redirect_fallback,
+                             cni_socket=args.cni_socket)
+
+
+def _proxy_run(args: argparse.Namespace) -> int:
+    from nodeagent.proxy_run import run_proxy
+
+    return _run_node_process(args, run_proxy, role="proxy")
+
+
+def _run_node_process(args: argparse.Namespace, main, **settings) -> int:  # type: ignore[no-untyped-def]
+    from nodeagent.config import AgentConfig, parse_hostport
     from tunnel.config import ProxyConfig
 
     try:
         config = AgentConfig(
             proxy=ProxyConfig(node=args.node, trust_domain=args.trust_domain),
             workloads_file=args.workloads, ca_url=args.ca_url, ca_root=args.ca_root,
-            token_file=args.token_file,
+            token_file=args.token_file, control_socket=args.control_socket,
             metrics_address=parse_hostport(args.metrics, "--metrics"),
             readiness_address=parse_hostport(args.readiness, "--readiness"),
-            redirect=args.redirect, root_namespace=args.root_namespace,
-            bpf_root=args.bpf_root, redirect_fallback=args.redirect_fallback,
-            cni_socket=args.cni_socket, drain_s=args.drain_seconds,
+            root_namespace=args.root_namespace, drain_s=args.drain_seconds,
             source=args.source, kubeconfig=args.kubeconfig,
-            k8s_backoff_max_s=args.k8s_backoff_max)
+            k8s_backoff_max_s=args.k8s_backoff_max, **settings)
     except ConfigError as exc:
         return _fail(str(exc))
     logging.getLogger().setLevel(args.log_level.upper())
-    return _run(run_agent(config))
+    return _run(main(config))
 
 
 def _ca_serve(args: argparse.Namespace) -> int:

@@ -27,9 +27,16 @@ def parse_hostport(value: str, setting: str) -> tuple[str, int]:
 class AgentConfig:
     proxy: ProxyConfig
     workloads_file: Path | None  # required with source "file"
-    ca_url: str
-    ca_root: Path
-    token_file: Path
+    # The CA, for the proxy's certificates: required wherever the proxy runs (not
+    # by an agent whose proxy is another process).
+    ca_url: str = ""
+    ca_root: Path | None = None
+    token_file: Path | None = None
+    # "agent": `trellis agent run`; "proxy": `trellis proxy run`.
+    role: str = "agent"
+    # The agent↔proxy control socket: the proxy listens on it; an agent with one
+    # drives that proxy, an agent without one runs the proxy in its own process.
+    control_socket: Path | None = None
     metrics_address: tuple[str, int] = ("127.0.0.1", 15020)
     readiness_address: tuple[str, int] = ("0.0.0.0", 15021)
     redirect: str = "iptables"
@@ -50,9 +57,15 @@ class AgentConfig:
     k8s_backoff_max_s: float = 10.0
 
     def __post_init__(self) -> None:
-        url = urlsplit(self.ca_url)
-        if url.scheme != "https" or not url.hostname:
-            raise ConfigError(f"ca_url: {self.ca_url!r} must be an https:// URL")
+        if self.role not in ("agent", "proxy"):
+            raise ConfigError(f"role: {self.role!r} is not 'agent' or 'proxy'")
+        if self.role == "proxy" and self.control_socket is None:
+            raise ConfigError("control_socket: required for the proxy (--control-socket)")
+        if self.control_socket is not None and not self.control_socket.is_absolute():
+            raise ConfigError(f"control_socket: {str(self.control_socket)!r} is not an "
+                              "absolute path")
+        if self.runs_proxy:
+            self._check_ca()
         if self.source not in ("file", "kubernetes"):
             raise ConfigError(f"source: {self.source!r} is not one of ('file', 'kubernetes')")
         if self.source == "file" and self.workloads_file is None:
@@ -73,9 +86,22 @@ class AgentConfig:
             raise ConfigError(f"drain_s: {self.drain_s} is negative")
         if self.cni_socket is not None and not self.cni_socket.is_absolute():
             raise ConfigError(f"cni_socket: {str(self.cni_socket)!r} is not an absolute path")
+
+    def _check_ca(self) -> None:
+        url = urlsplit(self.ca_url)
+        if url.scheme != "https" or not url.hostname:
+            raise ConfigError(f"ca_url: {self.ca_url!r} must be an https:// URL (--ca-url)")
         for setting, path in (("ca_root", self.ca_root), ("token_file", self.token_file)):
+            if path is None:
+                raise ConfigError(f"{setting}: required where the proxy runs "
+                                  f"(--{setting.replace('_', '-')})")
             if not path.is_file():
                 raise ConfigError(f"{setting}: {str(path)!r} is not a readable file")
+
+    @property
+    def runs_proxy(self) -> bool:
+        """Whether this process runs the node proxy (and so needs certificates)."""
+        return self.role == "proxy" or self.control_socket is None
 
     @property
     def node(self) -> str:
@@ -95,5 +121,6 @@ class AgentConfig:
             "readiness": "{}:{}".format(*self.readiness_address), "redirect": self.redirect,
             "root_namespace": self.root_namespace, "bpf_root": self.effective_bpf_root,
             "cni_socket": str(self.cni_socket) if self.cni_socket else "",
-            "drain_s": self.drain_s,
+            "drain_s": self.drain_s, "role": self.role,
+            "control_socket": str(self.control_socket or ""),
         }

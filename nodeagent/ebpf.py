@@ -52,12 +52,13 @@ def pod_dirname(uid: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", uid)
 
 
-def own_cgroup(mount: str) -> str:
-    """The cgroup v2 directory this process runs in (where its sockets belong)."""
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
+def own_cgroup(mount: str, pid: int | str = "self") -> str:
+    """The cgroup v2 directory a process (this one by default) runs in: where its
+    sockets belong."""
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
         if line.startswith("0::"):
             return os.path.join(mount, line[3:].lstrip("/"))
-    raise EbpfUnavailable("this process has no cgroup v2 membership (/proc/self/cgroup)")
+    raise EbpfUnavailable(f"process {pid} has no cgroup v2 membership (/proc/{pid}/cgroup)")
 
 
 class _Programs:
@@ -232,19 +233,38 @@ class EbpfRedirector:
     def _ensure_agent_state(self) -> None:
         if not _complete(self.maps_dir, ("orig", "pair", "pods")):
             self._loaded()
+        self._ensure_getsockopt()
+
+    def _ensure_getsockopt(self) -> None:
         link = self.root / "getsockopt"
         cg = os.open(self.proxy_cgroup, os.O_RDONLY | os.O_DIRECTORY)
         try:
             if link.exists():
                 if _attached_at(link, cg, _ATTACH["getsockopt"]):
                     return
-                # Pinned by an agent that ran in another cgroup (on Kubernetes, every
-                # new agent pod has its own): this agent's sockets need it here.
+                # Pinned for a proxy that ran in another cgroup (on Kubernetes, every
+                # new container has its own): this proxy's sockets need it here.
                 _unpin_link(link)
             _link_and_pin(self._loaded().fds["getsockopt"], cg, _ATTACH["getsockopt"], link,
                           f"getsockopt to {self.proxy_cgroup}")
         finally:
             os.close(cg)
+
+    def follow_proxy(self, pid: int) -> None:
+        """The proxy is process ``pid`` (``trellis proxy run``), not this one: answer
+        SO_ORIGINAL_DST for the sockets in *its* cgroup, from now on."""
+        cgroup = own_cgroup(cgroup2_mount(), pid)
+        with self._lock:
+            if cgroup == self.proxy_cgroup:
+                return
+            self.proxy_cgroup = cgroup
+            if (self.root / "getsockopt").exists():  # pods are redirected already
+                try:
+                    self._ensure_getsockopt()
+                except bpf_sys.BpfError as err:
+                    raise OSError(err.errno, f"getsockopt link to {cgroup}: {err}") from err
+        log.info("following the proxy's cgroup", extra={"fields": {
+            "pid": pid, "cgroup": cgroup}})
 
     def _remove_agent_state_if_idle(self) -> None:
         pods = self.root / "pods"

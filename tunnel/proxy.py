@@ -68,16 +68,27 @@ class Proxy:
         self.inputs.state.replace_policies(policies)
         return recheck_live_connections(self.inputs, list(self._pods.values()))
 
-    async def add_pod(self, workload: Workload, netns_path: str) -> None:
-        """Serve ``workload``: bind its listeners in its namespace. Idempotent per uid."""
-        if workload.uid in self._pods:
+    async def add_pod(self, workload: Workload, netns: str | NetnsHandle) -> None:
+        """Serve ``workload``: bind its listeners in its namespace. Idempotent per uid.
+
+        The namespace comes as a path (in-process agent) or as an open handle (the
+        control socket's fd), which the proxy then owns. Adding a pod it already
+        serves, with the same address, identity and namespace, keeps the
+        listeners and connections as they are: that is what a restarted agent's
+        replay does, and it must not disturb traffic."""
+        handle = NetnsHandle.open(netns) if isinstance(netns, str) else netns
+        current = self._pods.get(workload.uid)
+        if current is not None:
+            if _same_pod(current, workload, handle):
+                handle.close()
+                current.workload = workload
+                return
             await self.remove_pod(workload.uid)
-        netns = NetnsHandle.open(netns_path)
-        pod = ServedPod(workload, netns)
+        pod = ServedPod(workload, handle)
         try:
             servers = await self._listen(pod)
         except BaseException:
-            netns.close()
+            handle.close()
             raise
         self._pods[workload.uid] = pod
         self._servers[workload.uid] = servers
@@ -149,3 +160,9 @@ class Proxy:
             tasks.spawn(handler(self.inputs, pod, endpoint), name=f"{kind} {pod.workload.key}")
 
         return lambda: TcpEndpoint(on_connection_made=on_connection)
+
+
+def _same_pod(served: ServedPod, workload: Workload, netns: NetnsHandle) -> bool:
+    old = served.workload
+    return (old.ip == workload.ip and old.identity == workload.identity
+            and served.netns.inode == netns.inode)

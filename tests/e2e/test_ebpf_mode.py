@@ -25,6 +25,7 @@ from tests.e2e.test_mesh import (  # noqa: F401 - collected here, against the eB
     test_cross_node_by_pod_ip_keeps_source_ip,
     test_cross_node_through_service_vip,
     test_destination_metrics_show_mutual_tls,
+    test_new_connections_flow_while_the_agent_is_down_and_after,
     test_unenrolled_pods_use_plain_tcp_both_ways,
     test_uplink_carries_only_tls_to_15008,
 )
@@ -120,9 +121,11 @@ def test_agent_sigkill_and_restart_keeps_redirection_without_duplicates(lab: dic
     pins = _pins()
     pid_file = Path(os.environ[LAB_DIR]) / "pids" / "agent-node-2.pid"
     os.kill(int(pid_file.read_text()), signal.SIGKILL)
-    # With node-2's proxy gone its pods fail closed, but node-1 carries on.
-    answer = curl_json("frontend-1", f"http://{pod('backend-1')['ip']}:8080/")
+    # node-2's proxy outlives its agent, and so do the pinned programs: new
+    # connections out of node-2's pods (connect4 + getsockopt) still work.
+    answer = curl_json("backend-2", f"http://{pod('backend-1')['ip']}:8080/")
     assert answer["pod"] == "backend-1"
+    assert answer["peer"].split(":")[0] == pod("backend-2")["ip"]
     assert _pins() == pins  # the pins, and so the links, outlive the agent
     _trellis("lab", "up", timeout=120)  # the lab restarts the agent, in eBPF mode
     answer = curl_json("frontend-1", f"http://{pod('backend-2')['ip']}:8080/")

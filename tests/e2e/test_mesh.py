@@ -205,11 +205,47 @@ def test_ca_signs_only_identities_that_run_on_the_calling_node(lab: dict) -> Non
     assert no_token["signed"] is False and no_token["status"] == 401
 
 
+def _pid(lab_dir: Path, process: str) -> int:
+    return int((lab_dir / "pids" / f"{process}.pid").read_text())
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_new_connections_flow_while_the_agent_is_down_and_after(lab: dict) -> None:
+    import signal
+
+    lab_dir = Path(os.environ["TRELLIS_LAB_DIR"])
+    agent, proxy = _pid(lab_dir, "agent-node-2"), _pid(lab_dir, "proxy-node-2")
+    os.kill(agent, signal.SIGKILL)
+    eventually(lambda: _gone(agent), timeout=10)
+    # node-2's proxy carries on alone: new connections into node-2 (inbound) and out
+    # of it (outbound capture) both work while no agent runs there.
+    for _ in range(3):
+        inbound = curl_json("frontend-1", f"http://{pod('backend-2')['ip']}:8080/")
+        assert inbound["pod"] == "backend-2"
+        assert inbound["peer"].split(":")[0] == pod("frontend-1")["ip"]
+        outbound = curl_json("backend-2", f"http://{pod('backend-1')['ip']}:8080/")
+        assert outbound["pod"] == "backend-1"
+        assert outbound["peer"].split(":")[0] == pod("backend-2")["ip"]
+    trellis("lab", "up", timeout=120)  # restarts the agent; its replay keeps every pod
+    assert _pid(lab_dir, "agent-node-2") != agent
+    assert _pid(lab_dir, "proxy-node-2") == proxy  # never restarted
+    after = curl_json("frontend-1", f"http://{pod('backend-2')['ip']}:8080/")
+    assert after["peer"].split(":")[0] == pod("frontend-1")["ip"]
+    assert "agent replay complete" in (lab_dir / "logs" / "proxy-node-2.log").read_text()
+
+
 def test_port_in_use_is_one_clear_line(lab: dict) -> None:
     import sys
 
     lab_dir = Path(os.environ["TRELLIS_LAB_DIR"])
-    # node-1's agent already holds 127.0.0.1:15020 in that namespace.
+    # node-1's proxy already holds 127.0.0.1:15020 in that namespace.
     result = in_netns(
         node_netns("node-1"), sys.executable, "-m", "trellis", "agent", "run", "--node", "node-1",
         "--workloads", str(lab_dir / "workloads.yaml"), "--ca-url", "https://198.18.0.1:15012",

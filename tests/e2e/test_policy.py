@@ -107,8 +107,8 @@ def _reaches(src: str, dst_ip: str) -> bool:
     return False
 
 
-def _agent_log(node: str) -> str:
-    return (Path(os.environ["TRELLIS_LAB_DIR"]) / "logs" / f"agent-{node}.log").read_text()
+def _proxy_log(node: str) -> str:
+    return (Path(os.environ["TRELLIS_LAB_DIR"]) / "logs" / f"proxy-{node}.log").read_text()
 
 
 def _app_syns_during(pod_ns: str, action) -> int:  # type: ignore[no-untyped-def]
@@ -140,7 +140,7 @@ def test_allow_policy_admits_only_its_principal(lab: dict, tmp_path: Path,
     syns = _app_syns_during(backend2["netns"],
                             lambda: _reaches("backend-1", backend2["ip"]))
     assert syns == 0, "a denied connection reached the app"
-    denials = [json.loads(line) for line in _agent_log("node-2").splitlines()
+    denials = [json.loads(line) for line in _proxy_log("node-2").splitlines()
                if '"denied: no_allow_match"' in line]
     assert denials and denials[-1]["policy"] == "demo/allow-frontend"
     assert denials[-1]["src_identity"] == "spiffe://cluster.local/ns/demo/sa/backend"
@@ -196,7 +196,7 @@ def test_new_deny_closes_live_connection(lab: dict, tmp_path: Path,
     finally:
         holder.kill()
         holder.communicate(timeout=10)
-    log = _agent_log("node-2")
+    log = _proxy_log("node-2")
     assert any("closing live connection" in line and "demo/deny-frontend" in line
                for line in log.splitlines())
 
@@ -223,7 +223,7 @@ def test_malformed_policy_is_reported_and_others_still_enforced(
     _apply(applied, tmp_path, "mixed.yaml", MALFORMED + "---\n" + STRICT_MTLS)
     eventually(lambda: not _reaches("legacy-1", backend2["ip"]), timeout=5)
     assert _reaches("frontend-1", backend2["ip"])
-    eventually(lambda: "demo/broken: rules[0].from[0].source.ipBlocks[0]" in _agent_log("node-2"),
+    eventually(lambda: "demo/broken: rules[0].from[0].source.ipBlocks[0]" in _proxy_log("node-2"),
                timeout=5)
 
 

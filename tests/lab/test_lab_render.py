@@ -9,7 +9,7 @@ import yaml
 
 from lab.lifecycle import read_description
 from lab.plan import LabPlan, plan_lab
-from lab.processes import agent_process, app_process, ca_process
+from lab.processes import agent_process, app_process, ca_process, proxy_process
 from lab.render import dump_workloads, render_workloads, status_json, status_table
 from lab.spec import LabSpec, build_spec, load_documents
 from lab.state import LabDir
@@ -105,20 +105,29 @@ def test_mesh_command_lines_are_the_agreed_contract(plan: LabPlan) -> None:
         "py", "-m", "trellis", "ca", "serve", "--state-dir", "/run/trellis-lab/ca",
         "--listen", "198.18.0.1:15012", "--workloads", "/run/trellis-lab/workloads.yaml",
         "--node-tokens", "/run/trellis-lab/tokens/digests.json"))
-    agent = agent_process(plan, plan.nodes[1], labdir, python="py")
-    assert (agent.netns, agent.argv) == ("tlab-node-2", (
-        "py", "-m", "trellis", "agent", "run", "--node", "node-2",
+    proxy = proxy_process(plan, plan.nodes[1], labdir, python="py")
+    assert (proxy.name, proxy.netns, proxy.argv) == ("proxy-node-2", "tlab-node-2", (
+        "py", "-m", "trellis", "proxy", "run", "--node", "node-2",
         "--workloads", "/run/trellis-lab/workloads.yaml",
         "--ca-url", "https://198.18.0.1:15012", "--ca-root", "/run/trellis-lab/ca/root-cert.pem",
-        "--token-file", "/run/trellis-lab/tokens/node-2.token"))
-    assert (agent.ready.netns, agent.ready.port, agent.ready.path) == (
+        "--token-file", "/run/trellis-lab/tokens/node-2.token",
+        "--control-socket", "/run/trellis-lab/sockets/node-2.sock"))
+    assert (proxy.ready.netns, proxy.ready.port, proxy.ready.path) == (
         "tlab-node-2", 15021, "/healthz/ready")
-    # The agent's ports and those its proxy binds in each enrolled pod are checked first.
-    assert [(p.owner, p.port) for p in agent.ports] == [
+    # The proxy's ports and those it binds in each enrolled pod are checked first.
+    assert [(p.owner, p.port) for p in proxy.ports] == [
         ("Node node-2", 15020), ("Node node-2", 15021),
         ("Pod demo/frontend-2", 15001), ("Pod demo/frontend-2", 15006),
         ("Pod demo/frontend-2", 15008), ("Pod demo/backend-2", 15001),
         ("Pod demo/backend-2", 15006), ("Pod demo/backend-2", 15008)]
+    agent = agent_process(plan, plan.nodes[1], labdir, python="py")
+    assert (agent.name, agent.netns, agent.argv) == ("agent-node-2", "tlab-node-2", (
+        "py", "-m", "trellis", "agent", "run", "--node", "node-2",
+        "--workloads", "/run/trellis-lab/workloads.yaml",
+        "--control-socket", "/run/trellis-lab/sockets/node-2.sock",
+        "--metrics", "127.0.0.1:15014", "--readiness", "127.0.0.1:15015"))
+    assert (agent.ready.port, [(p.owner, p.port) for p in agent.ports]) == (
+        15015, [("Node node-2", 15014), ("Node node-2", 15015)])
     app = app_process(plan, plan.pods[0], python="py")
     assert (app.name, app.netns, app.argv) == ("app-frontend-1", "tlab-frontend-1", (
         "py", "-m", "lab.app", "--name", "frontend-1", "--port", "8080"))

@@ -12,7 +12,6 @@ import pytest
 from nodeagent.agent import Reconciler
 from nodeagent.objects import parse_documents
 from nodeagent.podnetns import ProcNetnsResolver, pod_uids_in_cgroup, scan
-from nodeagent.policies import PolicyLoader
 
 pytestmark = pytest.mark.unit
 
@@ -93,8 +92,11 @@ class _Proxy:
     def update_state(self, state: object) -> None:
         pass
 
-    def update_policies(self, policies: object) -> int:
+    async def connect(self) -> int:
         return 0
+
+    async def snapshot_sent(self) -> None:
+        pass
 
     async def add_pod(self, workload, netns_path: str) -> None:  # type: ignore[no-untyped-def]
         self.pods[workload.uid] = netns_path
@@ -113,14 +115,6 @@ class _Redirector:
         pass
 
 
-class _Certificates:
-    def track(self, identity: object) -> None:
-        pass
-
-    def untrack(self, identity: object) -> None:
-        pass
-
-
 def test_reconciler_asks_the_resolver_and_keeps_a_served_pods_namespace(tmp_path: Path) -> None:
     proc = FakeProc(tmp_path)
     calls: list[list[str]] = []
@@ -132,8 +126,8 @@ def test_reconciler_asks_the_resolver_and_keeps_a_served_pods_namespace(tmp_path
         return resolver(workloads)
 
     proxy = _Proxy()
-    reconciler = Reconciler("node-1", proxy, _Redirector(), _Certificates(),  # type: ignore[arg-type]
-                            PolicyLoader("trellis-system"), netns_resolver=counting)
+    reconciler = Reconciler("node-1", proxy, _Redirector(),  # type: ignore[arg-type]
+                            netns_resolver=counting)
 
     async def scenario() -> None:
         await reconciler.apply_snapshot(_snapshot(UID_A))

@@ -1,0 +1,182 @@
+"""Agent and proxy over a real control socket: SCM_RIGHTS namespace fds, acks,
+refusals, a replacing connection, and a replay after a reconnect."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from pathlib import Path
+from types import MappingProxyType
+
+import pytest
+
+from nodeagent.proxy_link import ProxyUnavailable, RemoteProxy
+from tunnel.control_server import ControlServer
+from tunnel.netns import NetnsHandle
+from tunnel.state import Workload
+
+pytestmark = pytest.mark.inprocess
+
+OWN_NETNS = "/proc/self/ns/net"
+
+
+def workload(uid: str, ip: str = "198.18.1.10") -> Workload:
+    return Workload(uid=uid, name=f"pod-{uid}", namespace="demo", node="node-1", ip=ip,
+                    service_account="web", labels=MappingProxyType({}), enrolled=True)
+
+
+class RecordingProxy:
+    """Serves pods on paper: what the control server asked, and which namespace."""
+
+    def __init__(self) -> None:
+        self.pods: dict[str, tuple[int, str]] = {}
+        self.refuse: str = ""
+
+    async def add_pod(self, workload: Workload, netns: str | NetnsHandle) -> None:
+        assert isinstance(netns, NetnsHandle)
+        try:
+            if self.refuse:
+                raise OSError(f"port 15008: {self.refuse}")
+            self.pods[workload.uid] = (netns.inode, netns.path)
+        finally:
+            netns.close()
+
+    async def remove_pod(self, uid: str) -> None:
+        self.pods.pop(uid, None)
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_pods_arrive_with_their_namespace_and_a_replay_drops_the_rest(tmp_path: Path) -> None:
+    path = tmp_path / "proxy.sock"
+    proxy = RecordingProxy()
+
+    async def scenario() -> None:
+        server = ControlServer(path, proxy)
+        await server.start()
+        assert oct(path.stat().st_mode & 0o777) == "0o600"
+        peers: list[int] = []
+        agent = RemoteProxy(path, "node-1", timeout_s=5, on_connect=peers.append)
+        assert await agent.connect() == 1
+        assert peers == [os.getpid()]  # SO_PEERCRED: the proxy's pid, for eBPF's cgroup
+        await agent.add_pod(workload("a"), OWN_NETNS)
+        await agent.add_pod(workload("b", "198.18.1.11"), OWN_NETNS)
+        await agent.remove_pod("b")
+        await agent.add_pod(workload("c", "198.18.1.12"), OWN_NETNS)
+        assert server.agent_connected
+        # The agent "restarts": a new client, whose replay names only a.
+        await agent.close()
+        await asyncio.sleep(0.05)
+        assert set(proxy.pods) == {"a", "c"}  # nothing dropped while no agent is there
+        again = RemoteProxy(path, "node-1", timeout_s=5)
+        assert await again.connect() == 1
+        await again.add_pod(workload("a"), OWN_NETNS)
+        await again.snapshot_sent()
+        await again.close()
+        server.close()
+
+    before = _open_fds()
+    asyncio.run(scenario())
+    assert proxy.pods == {"a": (os.stat(OWN_NETNS).st_ino, OWN_NETNS)}
+    assert _open_fds() == before  # every namespace fd sent was closed on both sides
+    assert not path.exists()
+
+
+def test_a_refusal_is_an_error_for_that_pod_and_the_link_stays(tmp_path: Path) -> None:
+    path = tmp_path / "proxy.sock"
+    proxy = RecordingProxy()
+
+    async def scenario() -> None:
+        server = ControlServer(path, proxy)
+        await server.start()
+        agent = RemoteProxy(path, "node-1", timeout_s=5)
+        generation = await agent.connect()
+        proxy.refuse = "address already in use"
+        with pytest.raises(ValueError, match="add_pod demo/pod-a: port 15008: address already"):
+            await agent.add_pod(workload("a"), OWN_NETNS)
+        proxy.refuse = ""
+        await agent.add_pod(workload("a"), OWN_NETNS)
+        assert await agent.connect() == generation  # the same link: no replay needed
+        with pytest.raises(OSError, match="cannot open network namespace /nonexistent"):
+            await agent.add_pod(workload("b"), "/nonexistent")
+        await agent.close()
+        server.close()
+
+    asyncio.run(scenario())
+    assert set(proxy.pods) == {"a"}
+
+
+def test_a_fd_that_is_no_network_namespace_is_refused_by_name(tmp_path: Path) -> None:
+    path = tmp_path / "proxy.sock"
+    proxy = RecordingProxy()
+    not_a_namespace = tmp_path / "plain-file"
+    not_a_namespace.write_text("")
+
+    async def scenario() -> None:
+        server = ControlServer(path, proxy)
+        await server.start()
+        agent = RemoteProxy(path, "node-1", timeout_s=5)
+        await agent.connect()
+        with pytest.raises(ValueError, match=r"add_pod demo/pod-a: the fd sent for .*plain-file"
+                                             r".*is not a network namespace"):
+            await agent.add_pod(workload("a"), str(not_a_namespace))
+        await agent.close()
+        server.close()
+
+    asyncio.run(scenario())
+    assert proxy.pods == {}
+
+
+def test_garbage_on_the_socket_gets_an_error_ack_and_the_connection_lives(tmp_path: Path) -> None:
+    path = tmp_path / "proxy.sock"
+    proxy = RecordingProxy()
+
+    async def scenario() -> None:
+        server = ControlServer(path, proxy)
+        await server.start()
+        loop = asyncio.get_running_loop()
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        raw.setblocking(False)
+        await loop.sock_connect(raw, str(path))
+        await loop.sock_sendall(raw, b'{"type": "reboot"}')
+        reply = await asyncio.wait_for(loop.sock_recv(raw, 4096), 5)
+        assert b"type 'reboot' is not one of" in reply
+        await loop.sock_sendall(raw, b'{"type": "snapshot_sent"}')
+        assert await asyncio.wait_for(loop.sock_recv(raw, 4096), 5) == b'{"type":"ack"}'
+        raw.close()
+        server.close()
+
+    asyncio.run(scenario())
+
+
+def test_no_proxy_is_a_clear_error_and_a_new_proxy_is_a_new_generation(tmp_path: Path) -> None:
+    path = tmp_path / "proxy.sock"
+
+    async def scenario() -> None:
+        agent = RemoteProxy(path, "node-1", timeout_s=5)
+        with pytest.raises(ProxyUnavailable, match=f"proxy control socket {path}: No such file"):
+            await agent.connect()
+        server = ControlServer(path, RecordingProxy())
+        await server.start()
+        first = await agent.connect()
+        server.close()  # the proxy restarts
+        await asyncio.sleep(0.05)
+        with pytest.raises(ProxyUnavailable):
+            await agent.remove_pod("a")
+        assert not agent.connected
+        server = ControlServer(path, RecordingProxy())
+        await server.start()
+        assert await agent.connect() == first + 1
+        # Restarted again, with the agent idle: connect() notices the dead link itself.
+        server.close()
+        await asyncio.sleep(0.05)
+        server = ControlServer(path, RecordingProxy())
+        await server.start()
+        assert await agent.connect() == first + 2
+        await agent.close()
+        server.close()
+
+    asyncio.run(scenario())

@@ -1,0 +1,229 @@
+"""The proxy's end of the control socket (tunnel/control.py has the protocol).
+
+One agent at a time: a new connection replaces the old one, as a restarted
+agent's does. When the agent goes away the proxy changes nothing; it goes on
+serving every pod it has until the next agent's replay says otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from tunnel import tasks
+from tunnel.control import (
+    MAX_MESSAGE,
+    Ack,
+    AddPod,
+    ControlError,
+    Hello,
+    RemovePod,
+    Replay,
+    SnapshotSent,
+    decode,
+    encode,
+)
+from tunnel.netns import CLONE_NEWNET, NetnsHandle
+from tunnel.state import Workload
+
+_log = logging.getLogger("trellis.tunnel.control")
+# One namespace fd per add_pod; room for a few more so that a confused sender's
+# extra fds are received (and closed) rather than leaked by a truncated cmsg.
+_MAX_FDS = 4
+_NS_GET_NSTYPE = 0xB703  # linux/nsfs.h: _IO(0xb7, 0x3)
+
+
+class ServesPods(Protocol):
+    """What the control socket drives: tunnel.proxy.Proxy."""
+
+    @property
+    def pods(self) -> Mapping[str, Any]: ...
+
+    async def add_pod(self, workload: Workload, netns: str | NetnsHandle) -> None: ...
+
+    async def remove_pod(self, uid: str) -> None: ...
+
+
+class ControlServer:
+    def __init__(self, path: Path, proxy: ServesPods) -> None:
+        self.path = path
+        self._proxy = proxy
+        self._listener: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._session: asyncio.Task[None] | None = None
+        self._agent: socket.socket | None = None
+
+    @property
+    def agent_connected(self) -> bool:
+        return self._agent is not None
+
+    async def start(self) -> None:
+        """Listen on ``path`` (a stale socket file from a killed proxy is replaced)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            sock.bind(str(self.path))
+            # The socket hands out the power to serve any identity: root only.
+            os.chmod(self.path, 0o600)
+            sock.listen(4)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self._listener = sock
+        self._accepting = tasks.spawn(self._accept(sock), name="control accept")
+        _log.info("control socket listening", extra={"fields": {"path": str(self.path)}})
+
+    def close(self) -> None:
+        for task in (self._accepting, self._session):
+            if task is not None:
+                task.cancel()
+        if self._agent is not None:
+            self._agent.close()
+            self._agent = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+    async def _accept(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(listener)
+            conn.setblocking(False)
+            if self._session is not None:
+                _log.info("a new agent connected: closing the previous connection")
+                self._session.cancel()
+            self._session = tasks.spawn(self._serve(conn), name="control session")
+
+    async def _serve(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        self._agent = conn
+        replay = Replay()
+        try:
+            while True:
+                data, fds = await _receive(loop, conn)
+                if not data:
+                    break
+                reply = await self._handle(data, fds, replay)
+                await loop.sock_sendall(conn, encode(reply))
+        except OSError as exc:
+            _log.warning("control connection failed", extra={"fields": {"error": str(exc)}})
+        finally:
+            conn.close()
+            if self._agent is conn:
+                self._agent = None
+            _log.info("agent disconnected: serving on", extra={"fields": {
+                "pods": len(self._proxy.pods), "replay_complete": replay.complete}})
+
+    async def _handle(self, data: bytes, fds: list[int], replay: Replay) -> Ack:
+        """Act on one request. Every fd received is used or closed, whatever happens."""
+        try:
+            message = decode(data)
+        except ControlError as exc:
+            _close_all(fds)
+            _log.error("control message refused", extra={"fields": {"error": str(exc)}})
+            return Ack(str(exc))
+        match message:
+            case AddPod(workload, netns_path):
+                return await self._add(workload, netns_path, fds, replay)
+            case RemovePod(uid):
+                _close_all(fds)
+                replay.forgotten(uid)
+                await self._proxy.remove_pod(uid)
+                return Ack()
+            case SnapshotSent():
+                _close_all(fds)
+                stale = replay.stale(self._proxy.pods)
+                for uid in stale:
+                    await self._proxy.remove_pod(uid)
+                _log.info("agent replay complete", extra={"fields": {
+                    "served": len(self._proxy.pods), "removed": len(stale)}})
+                return Ack()
+            case Hello(node):
+                _close_all(fds)
+                _log.info("agent connected", extra={"fields": {
+                    "node": node, "pods": len(self._proxy.pods)}})
+                return Ack()
+        _close_all(fds)
+        return Ack(f"control message: {type(message).__name__} is not a request")
+
+    async def _add(self, workload: Workload, netns_path: str, fds: list[int],
+                   replay: Replay) -> Ack:
+        if len(fds) != 1:
+            _close_all(fds)
+            return Ack(f"add_pod {workload.key}: expected one namespace fd, got {len(fds)}")
+        try:
+            # Only a network namespace will do: setns(CLONE_NEWNET) on anything
+            # else would fail later, at the first connection, far from the cause.
+            if _namespace_type(fds[0]) != CLONE_NEWNET:
+                return Ack(f"add_pod {workload.key}: the fd sent for {netns_path!r} is not "
+                           "a network namespace")
+            # Reopening through /proc gives the handle an fd of its own.
+            handle = NetnsHandle.open(f"/proc/self/fd/{fds[0]}")
+        except OSError as exc:
+            return Ack(f"add_pod {workload.key}: namespace fd: {exc}")
+        finally:
+            os.close(fds[0])
+        handle.path = netns_path  # what log lines and errors should name
+        try:
+            await self._proxy.add_pod(workload, handle)
+        except (OSError, ValueError, TimeoutError) as exc:
+            _log.error("pod not served", extra={"fields": {"pod": workload.key,
+                                                           "error": str(exc)}})
+            return Ack(f"add_pod {workload.key}: {exc or 'certificate timeout'}")
+        replay.named(workload.uid)
+        return Ack()
+
+
+async def _receive(loop: asyncio.AbstractEventLoop,
+                   conn: socket.socket) -> tuple[bytes, list[int]]:
+    """One record and its fds; (b"", []) at end of stream."""
+    while True:
+        try:
+            data, fds, flags, _ = socket.recv_fds(conn, MAX_MESSAGE, _MAX_FDS)
+        except BlockingIOError:
+            await _readable(loop, conn)
+            continue
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            _close_all(fds)
+            raise OSError("control message truncated (too large, or too many fds)")
+        return data, fds
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(conn.fileno(), wake)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(conn.fileno())
+
+
+def _namespace_type(fd: int) -> int:
+    """The CLONE_NEW* type of a namespace fd (ioctl NS_GET_NSTYPE); -1 for any other file."""
+    try:
+        return fcntl.ioctl(fd, _NS_GET_NSTYPE)
+    except OSError:
+        return -1
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
