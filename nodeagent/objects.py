@@ -32,6 +32,7 @@ from typing import Any
 import yaml
 
 from identity.spiffe import DEFAULT_TRUST_DOMAIN, Identity, InvalidIdentity
+from nodeagent.object_fields import FieldError, Fields, ipv4, kind_of, port_number
 from tunnel.state import AMBIENT, DATAPLANE_LABEL, NONE, MeshState, Service, ServicePort, Workload
 
 NETNS_ANNOTATION = "trellis.dev/netns"
@@ -55,87 +56,6 @@ class Snapshot:
     source: str = ""
 
 
-class _Bad(Exception):
-    def __init__(self, path: str, problem: str) -> None:
-        super().__init__(f"{path}: {problem}")
-
-
-class _Fields:
-    """Typed reads from one document; every failure names the field path."""
-
-    def __init__(self, doc: Mapping[str, Any], prefix: str = "") -> None:
-        self._doc = doc
-        self._prefix = prefix
-
-    def path(self, dotted: str) -> str:
-        return f"{self._prefix}.{dotted}" if self._prefix else dotted
-
-    def get(self, dotted: str) -> Any:
-        node: Any = self._doc
-        walked: list[str] = []
-        for part in dotted.split("."):
-            if node is None:
-                return None
-            if not isinstance(node, Mapping):
-                raise _Bad(self.path(".".join(walked)), f"expected a mapping, got {_kind(node)}")
-            node = node.get(part)
-            walked.append(part)
-        return node
-
-    def text(self, dotted: str, default: str | None = None) -> str:
-        value = self.get(dotted)
-        if value is None or value == "":
-            if default is None:
-                raise _Bad(self.path(dotted), "missing")
-            return default
-        if not isinstance(value, str):
-            raise _Bad(self.path(dotted), f"{value!r} is not a string")
-        return value
-
-    def text_map(self, dotted: str) -> Mapping[str, str]:
-        value = self.get(dotted)
-        if value is None:
-            return _EMPTY
-        if not isinstance(value, Mapping):
-            raise _Bad(self.path(dotted), f"expected a mapping, got {_kind(value)}")
-        for key, item in value.items():
-            if not isinstance(key, str) or not isinstance(item, str):
-                raise _Bad(f"{self.path(dotted)}[{key!r}]",
-                           f"{item!r} is not a string (quote it in YAML)")
-        return MappingProxyType(dict(value))
-
-    def items(self, dotted: str) -> Iterator[_Fields]:
-        value = self.get(dotted)
-        if value is None:
-            return
-        if not isinstance(value, list):
-            raise _Bad(self.path(dotted), f"expected a list, got {_kind(value)}")
-        for i, item in enumerate(value):
-            if not isinstance(item, Mapping):
-                raise _Bad(f"{self.path(dotted)}[{i}]", f"expected a mapping, got {_kind(item)}")
-            yield _Fields(item, f"{self.path(dotted)}[{i}]")
-
-
-def _kind(value: object) -> str:
-    return "nothing" if value is None else type(value).__name__
-
-
-def _ipv4(value: object, path: str) -> str:
-    # Strings only: ipaddress would also take an int, and YAML makes ints easily.
-    try:
-        if isinstance(value, str):
-            return str(ipaddress.IPv4Address(value))
-    except ValueError:
-        pass
-    raise _Bad(path, f"{value!r} is not an IPv4 address")
-
-
-def _port(value: object, path: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
-        raise _Bad(path, f"{value!r} is not a port number")
-    return value
-
-
 def _is_identity(namespace: str, service_account: str, trust_domain: str) -> bool:
     try:
         Identity.of(namespace, service_account, trust_domain)
@@ -147,9 +67,9 @@ def _is_identity(namespace: str, service_account: str, trust_domain: str) -> boo
 def _check_names(namespace: str, service_account: str, trust_domain: str) -> None:
     """Fail now, with a field path, rather than later when a certificate is requested."""
     if not _is_identity(namespace, "default", trust_domain):
-        raise _Bad("metadata.namespace", f"{namespace!r} is not a valid Kubernetes name")
+        raise FieldError("metadata.namespace", f"{namespace!r} is not a valid Kubernetes name")
     if not _is_identity(namespace, service_account, trust_domain):
-        raise _Bad("spec.serviceAccountName",
+        raise FieldError("spec.serviceAccountName",
                    f"{service_account!r} is not a valid Kubernetes name")
 
 
@@ -178,20 +98,20 @@ def _flatten(docs: Iterable[object], errors: list[str]) -> Iterator[_Doc]:
         if body is None:  # an empty document, e.g. a trailing '---'
             continue
         if not isinstance(body, Mapping):
-            errors.append(f"document {i}: expected a mapping, got {_kind(body)}")
+            errors.append(f"document {i}: expected a mapping, got {kind_of(body)}")
             continue
         if body.get("kind") != "List":
             yield _Doc(f"document {i}", body)
             continue
         items = body.get("items") or []
         if not isinstance(items, list):
-            errors.append(f"document {i}: items: expected a list, got {_kind(items)}")
+            errors.append(f"document {i}: items: expected a list, got {kind_of(items)}")
             continue
         for j, item in enumerate(items):
             if isinstance(item, Mapping):
                 yield _Doc(f"document {i} items[{j}]", item)
             else:
-                errors.append(f"document {i}: items[{j}]: expected a mapping, got {_kind(item)}")
+                errors.append(f"document {i}: items[{j}]: expected a mapping, got {kind_of(item)}")
 
 
 def _is_policy(doc: _Doc) -> bool:
@@ -201,7 +121,7 @@ def _is_policy(doc: _Doc) -> bool:
 
 
 def _namespace(doc: _Doc) -> tuple[str, Mapping[str, str]]:
-    f = _Fields(doc.body)
+    f = Fields(doc.body)
     return f.text("metadata.name"), f.text_map("metadata.labels")
 
 
@@ -213,7 +133,7 @@ def _enrolled(pod_labels: Mapping[str, str], ns_labels: Mapping[str, str]) -> bo
 
 
 def _pod(doc: _Doc, namespaces: Mapping[str, Mapping[str, str]], trust_domain: str) -> Workload:
-    f = _Fields(doc.body)
+    f = Fields(doc.body)
     name = f.text("metadata.name")
     ns = f.text("metadata.namespace", "default")
     labels = f.text_map("metadata.labels")
@@ -223,11 +143,11 @@ def _pod(doc: _Doc, namespaces: Mapping[str, Mapping[str, str]], trust_domain: s
     raw_ip = f.get("status.podIP")
     netns = annotations.get(NETNS_ANNOTATION, "")
     if netns and not netns.startswith("/"):
-        raise _Bad(f"metadata.annotations[{NETNS_ANNOTATION!r}]",
+        raise FieldError(f"metadata.annotations[{NETNS_ANNOTATION!r}]",
                    f"{netns!r} is not an absolute path")
     cgroup = annotations.get(CGROUP_ANNOTATION, "")
     if cgroup and not cgroup.startswith("/"):
-        raise _Bad(f"metadata.annotations[{CGROUP_ANNOTATION!r}]",
+        raise FieldError(f"metadata.annotations[{CGROUP_ANNOTATION!r}]",
                    f"{cgroup!r} is not an absolute path")
     return Workload(
         uid=f.text("metadata.uid", f"{ns}/{name}"),
@@ -235,7 +155,7 @@ def _pod(doc: _Doc, namespaces: Mapping[str, Mapping[str, str]], trust_domain: s
         namespace=ns,
         node=f.text("spec.nodeName", ""),
         # A pending pod has no IP yet: it is known, but nothing can reach it.
-        ip=_ipv4(raw_ip, "status.podIP") if raw_ip not in (None, "") else "",
+        ip=ipv4(raw_ip, "status.podIP") if raw_ip not in (None, "") else "",
         service_account=sa,
         labels=labels,
         # A hostNetwork pod shares the node's namespace: redirecting "its" traffic
@@ -248,29 +168,29 @@ def _pod(doc: _Doc, namespaces: Mapping[str, Mapping[str, str]], trust_domain: s
     )
 
 
-def _service_port(p: _Fields) -> ServicePort:
-    port = _port(p.get("port"), p.path("port"))
+def _service_port(p: Fields) -> ServicePort:
+    port = port_number(p.get("port"), p.path("port"))
     target = p.get("targetPort")
     if target is None:
         target = port
     elif isinstance(target, str):
-        raise _Bad(p.path("targetPort"),
+        raise FieldError(p.path("targetPort"),
                    f"{target!r} is a named port; only a numeric targetPort is supported")
     protocol = p.text("protocol", "TCP")
     if protocol not in _PROTOCOLS:
-        raise _Bad(p.path("protocol"), f"{protocol!r} is not one of {', '.join(_PROTOCOLS)}")
-    return ServicePort(port=port, target_port=_port(target, p.path("targetPort")),
+        raise FieldError(p.path("protocol"), f"{protocol!r} is not one of {', '.join(_PROTOCOLS)}")
+    return ServicePort(port=port, target_port=port_number(target, p.path("targetPort")),
                        name=p.text("name", ""), protocol=protocol)
 
 
 def _service(doc: _Doc) -> Service:
-    f = _Fields(doc.body)
+    f = Fields(doc.body)
     vip = f.get("spec.clusterIP")
     return Service(
         name=f.text("metadata.name"),
         namespace=f.text("metadata.namespace", "default"),
         # Headless services ('None') have no VIP; they still select endpoints.
-        vip="" if vip in (None, "", "None") else _ipv4(vip, "spec.clusterIP"),
+        vip="" if vip in (None, "", "None") else ipv4(vip, "spec.clusterIP"),
         ports=tuple(_service_port(p) for p in f.items("spec.ports")),
         selector=f.text_map("spec.selector"),
     )
@@ -284,7 +204,7 @@ class _Slice:
 
 
 def _endpoint_slice(doc: _Doc) -> _Slice:
-    f = _Fields(doc.body)
+    f = Fields(doc.body)
     name = f.text("metadata.name")
     ns = f.text("metadata.namespace", "default")
     service = f.text_map("metadata.labels").get(SERVICE_NAME_LABEL, "")
@@ -293,15 +213,16 @@ def _endpoint_slice(doc: _Doc) -> _Slice:
     for e in f.items("endpoints"):
         addresses = e.get("addresses")
         if not isinstance(addresses, list) or not addresses:
-            raise _Bad(e.path("addresses"), f"expected a non-empty list, got {_kind(addresses)}")
+            raise FieldError(e.path("addresses"),
+                             f"expected a non-empty list, got {kind_of(addresses)}")
         condition = e.get("conditions.ready")
         if condition is not None and not isinstance(condition, bool):
-            raise _Bad(e.path("conditions.ready"), f"{condition!r} is not true or false")
+            raise FieldError(e.path("conditions.ready"), f"{condition!r} is not true or false")
         # The mesh is IPv4: the IPv6 (dual-stack) and FQDN slices are not errors,
         # just not ours. A missing ready condition means ready (the API's rule).
         if address_type != "IPv4":
             continue
-        ips = [_ipv4(a, e.path(f"addresses[{i}]")) for i, a in enumerate(addresses)]
+        ips = [ipv4(a, e.path(f"addresses[{i}]")) for i, a in enumerate(addresses)]
         if condition is not False:
             ready += ips
     return _Slice(f"{ns}/{name}", f"{ns}/{service}" if service else "", tuple(ready))
@@ -331,7 +252,7 @@ class _Unique:
         for scope, path, value in wanted:
             first = self._owners.get((scope, value))
             if first is not None:
-                raise _Bad(path, f"{value!r} is already used by {first}")
+                raise FieldError(path, f"{value!r} is already used by {first}")
         for scope, _path, value in wanted:
             self._owners[scope, value] = owner
 
@@ -356,9 +277,9 @@ def parse_documents(docs: Iterable[object], *, source: str,
         try:
             name, labels = _namespace(doc)
             if name in namespaces:
-                raise _Bad("metadata.name", f"{name!r} is declared twice")
+                raise FieldError("metadata.name", f"{name!r} is declared twice")
             namespaces[name] = labels
-        except _Bad as bad:
+        except FieldError as bad:
             errors.append(f"{doc.label()}: {bad}")
 
     workloads: list[Workload] = []
@@ -384,7 +305,7 @@ def parse_documents(docs: Iterable[object], *, source: str,
                 piece = _endpoint_slice(doc)
                 unique.claim(doc.label(), [("endpointslice", "metadata.name", piece.key)])
                 slices.append(piece)
-        except _Bad as bad:
+        except FieldError as bad:
             errors.append(f"{doc.label()}: {bad}")
 
     if endpoint_slices or (endpoint_slices is None
