@@ -8,6 +8,7 @@ kubernetes-validate (offline), in strict mode (unknown fields are errors).
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import subprocess
@@ -64,26 +65,110 @@ def test_lint_strict() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def _pod(docs: dict[tuple[str, str], dict[str, Any]]) -> dict[str, Any]:
+    pod: dict[str, Any] = docs["DaemonSet", "trellis-agent"]["spec"]["template"]
+    return pod
+
+
+def _containers(pod: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["name"]: c for c in pod["spec"]["containers"]}
+
+
+def _mounts(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {m["name"]: m for m in container["volumeMounts"]}
+
+
+def _parsed(container: dict[str, Any]) -> argparse.Namespace:
+    """The container's args as the real `trellis` CLI parses them: a flag the CLI
+    does not know, or a bad choice, fails here rather than in a crash-looping pod."""
+    from trellis.cli import build_parser
+
+    args = [a.replace("$(NODE_NAME)", "node-1") for a in container["args"]]
+    try:
+        return build_parser().parse_args(args)
+    except SystemExit:
+        pytest.fail(f"trellis refuses the {container['name']} container's args: {args}")
+
+
 def test_default_render_validates(tmp_path: Path) -> None:
     rendered = _template()
     _validate(rendered, tmp_path)
     docs = _docs(rendered)
-    agent = docs["DaemonSet", "trellis-agent"]["spec"]["template"]
-    container = agent["spec"]["containers"][0]
-    security = container["securityContext"]
-    assert security["privileged"] is False
-    assert security["capabilities"] == {"drop": ["ALL"],
-                                        "add": ["NET_ADMIN", "SYS_ADMIN", "NET_RAW"]}
-    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz/ready", "port": 15021}
-    assert agent["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
-    assert agent["metadata"]["annotations"]["prometheus.io/port"] == "15020"
-    assert agent["spec"]["terminationGracePeriodSeconds"] == 30
-    assert "--drain-seconds=25" in container["args"]  # the shutdown still fits in the grace
-    assert "--cni-socket=/var/run/trellis/cni.sock" in container["args"]
+    pod = _pod(docs)
+    assert [c["name"] for c in pod["spec"]["containers"]] == ["proxy", "agent"]
+    proxy, agent = _containers(pod)["proxy"], _containers(pod)["agent"]
+    for container in (proxy, agent):
+        security = container["securityContext"]
+        assert security["privileged"] is False
+        assert security["readOnlyRootFilesystem"] is True
+        # NET_RAW is needed by neither: NET_ADMIN also allows IP_TRANSPARENT.
+        assert security["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "SYS_ADMIN"]}
+    assert proxy["readinessProbe"]["httpGet"] == {"path": "/healthz/ready", "port": 15021}
+    assert agent["readinessProbe"]["httpGet"] == {"path": "/healthz/ready", "port": 15015}
+    assert {p["name"]: p["containerPort"] for p in proxy["ports"]} == {
+        "http-metrics": 15020, "http-ready": 15021}
+    assert {p["name"]: p["containerPort"] for p in agent["ports"]} == {
+        "agent-metrics": 15014, "agent-ready": 15015}
+    # Prometheus scrapes the proxy, on ztunnel's port, as Istio's dashboards expect.
+    assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == "15020"
+    assert pod["spec"]["terminationGracePeriodSeconds"] == 30
+    assert proxy["resources"]["requests"] == {"cpu": "100m", "memory": "128Mi"}
+    assert agent["resources"]["requests"] == {"cpu": "50m", "memory": "64Mi"}
     assert docs["Service", "trellis-ca"]["spec"]["ports"][0]["port"] == 15012
     assert ("CustomResourceDefinition", "authorizationpolicies.security.trellis.dev") in docs
     # Without PEMs in the values the root Secret is made out of band, not by the chart.
     assert not any(kind == "Secret" for kind, _ in docs)
+
+
+def test_the_proxy_and_the_agent_run_their_own_commands() -> None:
+    containers = _containers(_pod(_docs(_template())))
+    proxy, agent = _parsed(containers["proxy"]), _parsed(containers["agent"])
+    assert (proxy.command, proxy.proxy_command) == ("proxy", "run")
+    assert (agent.command, agent.agent_command) == ("agent", "run")
+    assert proxy.node == agent.node == "node-1"
+    assert proxy.source == agent.source == "kubernetes"
+    assert proxy.control_socket == agent.control_socket == Path("/var/run/trellis/proxy.sock")
+    assert proxy.ca_url == "https://trellis-ca.trellis-system.svc:15012"
+    assert proxy.ca_root == Path("/etc/trellis/ca-root/root-cert.pem")
+    assert proxy.token_file == Path("/var/run/secrets/trellis/token")
+    assert (proxy.metrics, proxy.readiness) == ("0.0.0.0:15020", "0.0.0.0:15021")
+    assert proxy.drain_seconds == 25  # the proxy drains, and still fits in the grace
+    assert proxy.trust_domain == agent.trust_domain == "cluster.local"
+    # The agent holds no certificate and drains nothing in this mode.
+    assert not any(a.startswith(("--ca-", "--token-file", "--drain-seconds"))
+                   for a in containers["agent"]["args"])
+    assert (agent.metrics, agent.readiness) == ("0.0.0.0:15014", "0.0.0.0:15015")
+    assert agent.redirect == "iptables"
+    assert agent.cni_socket == Path("/host/cni/socket/cni.sock")
+
+
+def test_the_control_socket_is_shared_through_a_pod_volume() -> None:
+    pod = _pod(_docs(_template()))
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    # An emptyDir lives as long as the pod: a restarted agent finds the proxy's socket.
+    assert "emptyDir" in volumes["control"]
+    for container in _containers(pod).values():
+        assert _mounts(container)["control"]["mountPath"] == "/var/run/trellis"
+
+
+def test_each_container_mounts_only_what_it_uses() -> None:
+    pod = _pod(_docs(_template()))
+    containers = _containers(pod)
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    proxy, agent = _mounts(containers["proxy"]), _mounts(containers["agent"])
+    # The proxy gets namespaces as fds from the agent: no host path at all.
+    assert not any("hostPath" in volumes[name] for name in proxy)
+    # Only the proxy asks the CA for certificates.
+    assert {"ca-root", "ca-token"} <= proxy.keys()
+    assert not {"ca-root", "ca-token"} & agent.keys()
+    # The plugin on the host dials the host path; the agent serves it through its mount.
+    install = pod["spec"]["initContainers"][0]
+    assert "--agent-socket=/var/run/trellis/cni.sock" in install["command"]
+    assert volumes["cni-socket"]["hostPath"]["path"] == "/var/run/trellis"
+    assert agent["cni-socket"]["mountPath"] == "/host/cni/socket"
+    # eBPF's host paths only in eBPF mode.
+    assert not {"bpffs", "cgroup"} & (agent.keys() | volumes.keys())
 
 
 def test_rbac_reads_only_and_the_ca_alone_reviews_tokens() -> None:
@@ -102,30 +187,86 @@ def test_non_default_values_render_and_validate(tmp_path: Path) -> None:
     rendered = _template(
         "--set", "trustDomain=example.org", "--set", "redirectMode=ebpf",
         "--set", "agent.resources.requests.cpu=250m",
-        "--set", "agent.resources.limits.memory=1Gi", "--set", "ca.certLifetime=2h",
+        "--set", "agent.resources.limits.memory=1Gi",
+        "--set", "proxy.resources.requests.cpu=500m",
+        "--set", "proxy.metricsPort=9090", "--set", "proxy.readinessPort=9091",
+        "--set", "agent.metricsPort=9092", "--set", "agent.readinessPort=9093",
+        "--set", "agent.terminationGracePeriodSeconds=60",
+        "--set", "agent.extraCapabilities={SYS_PTRACE}", "--set", "ca.certLifetime=2h",
         "--set", "cni.enabled=false", "--set-string", "ca.root.cert=CERT",
         "--set-string", "ca.root.key=KEY")
     _validate(rendered, tmp_path)
     docs = _docs(rendered)
-    container = docs["DaemonSet", "trellis-agent"]["spec"]["template"]["spec"]["containers"][0]
-    assert "--trust-domain=example.org" in container["args"]
-    assert "--redirect=ebpf" in container["args"]
-    assert container["resources"]["requests"]["cpu"] == "250m"
-    assert not any(a.startswith("--cni-socket") for a in container["args"])
+    pod = _pod(docs)
+    containers = _containers(pod)
+    proxy, agent = _parsed(containers["proxy"]), _parsed(containers["agent"])
+    assert proxy.trust_domain == agent.trust_domain == "example.org"
+    assert agent.redirect == "ebpf"
+    assert agent.cni_socket is None
+    assert "initContainers" not in pod["spec"]
+    assert (proxy.metrics, proxy.readiness) == ("0.0.0.0:9090", "0.0.0.0:9091")
+    assert (agent.metrics, agent.readiness) == ("0.0.0.0:9092", "0.0.0.0:9093")
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == "9090"
+    assert containers["proxy"]["readinessProbe"]["httpGet"]["port"] == 9091
+    assert containers["agent"]["readinessProbe"]["httpGet"]["port"] == 9093
+    assert proxy.drain_seconds == 55
+    assert containers["agent"]["resources"]["requests"]["cpu"] == "250m"
+    assert containers["agent"]["resources"]["limits"]["memory"] == "1Gi"
+    assert containers["proxy"]["resources"]["requests"]["cpu"] == "500m"
+    # Extra capabilities are the agent's; the proxy keeps its two.
+    assert containers["agent"]["securityContext"]["capabilities"]["add"] == [
+        "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"]
+    assert containers["proxy"]["securityContext"]["capabilities"]["add"] == [
+        "NET_ADMIN", "SYS_ADMIN"]
+    # eBPF pins live in the host's bpffs, so they outlive the agent container, and
+    # programs attach to cgroups of the whole host tree.
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert volumes["bpffs"]["hostPath"]["path"] == "/sys/fs/bpf"
+    assert volumes["cgroup"]["hostPath"]["path"] == "/sys/fs/cgroup"
+    mounts = _mounts(containers["agent"])
+    assert mounts["bpffs"]["mountPath"] == "/sys/fs/bpf"
+    assert mounts["cgroup"] == {"name": "cgroup", "mountPath": "/sys/fs/cgroup",
+                                "readOnly": True}
+    assert not {"bpffs", "cgroup"} & _mounts(containers["proxy"]).keys()
+    assert pod["spec"]["hostPID"] is True
     assert ("Secret", "trellis-ca-root") in docs
     assert ("ConfigMap", "trellis-ca-root-cert") in docs
+
+
+def _refused(*values: str) -> str:
+    done = subprocess.run([_helm(), "template", "trellis", str(CHART), *values],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode != 0, "helm rendered values it should refuse"
+    return done.stderr
+
+
+def test_ebpf_without_host_pid_is_refused() -> None:
+    # The agent must see the proxy's pid (SO_PEERCRED) and the pods' in /proc.
+    stderr = _refused("--set", "redirectMode=ebpf", "--set", "agent.hostPID=false")
+    assert "redirectMode=ebpf needs agent.hostPID=true" in stderr
+
+
+def test_iptables_without_host_pid_renders() -> None:
+    pod = _pod(_docs(_template("--set", "agent.hostPID=false")))
+    assert pod["spec"]["hostPID"] is False
+
+
+def test_the_two_containers_cannot_share_a_port() -> None:
+    # The old agent.metricsPort default, kept in someone's values file, is now the proxy's.
+    stderr = _refused("--set", "agent.metricsPort=15020")
+    assert "agent.metricsPort and proxy.metricsPort are both 15020" in stderr
 
 
 @pytest.mark.parametrize("values", [
     ["--set", "redirectMode=nftables"],
     ["--set", "ca.certLifetime=1d"],
     ["--set", "agent.notASetting=1"],
+    ["--set", "proxy.notASetting=1"],
+    ["--set", "proxy.metricsPort=0"],
+    ["--set", "proxy.resources.notAField=1"],
 ])
 def test_bad_values_are_refused_by_the_schema(values: list[str]) -> None:
-    done = subprocess.run([_helm(), "template", "trellis", str(CHART), *values],
-                          capture_output=True, text=True, timeout=120, check=False)
-    assert done.returncode != 0
-    assert "values don't meet the specifications of the schema" in done.stderr
+    assert "values don't meet the specifications of the schema" in _refused(*values)
 
 
 def test_plain_manifests_are_up_to_date() -> None:

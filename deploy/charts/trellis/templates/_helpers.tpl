@@ -31,3 +31,18 @@ readOnlyRootFilesystem: true
 seccompProfile:
   type: RuntimeDefault
 {{- end -}}
+
+{{/* Combinations of values that the schema cannot refuse, refused by name. */}}
+{{- define "trellis.checkValues" -}}
+{{- if and (eq .Values.redirectMode "ebpf") (not .Values.agent.hostPID) -}}
+{{- fail "redirectMode=ebpf needs agent.hostPID=true: the agent finds the pods' cgroups and the proxy's (by the pid SO_PEERCRED gives it) in the host's /proc, so it must share the host's PID namespace" -}}
+{{- end -}}
+{{- $ports := dict -}}
+{{- range $name, $port := dict "proxy.metricsPort" .Values.proxy.metricsPort "proxy.readinessPort" .Values.proxy.readinessPort "agent.metricsPort" .Values.agent.metricsPort "agent.readinessPort" .Values.agent.readinessPort -}}
+{{- $key := toString $port -}}
+{{- if hasKey $ports $key -}}
+{{- fail (printf "%s and %s are both %s: the proxy and the agent share the pod's network namespace, so each needs a port of its own" (get $ports $key) $name $key) -}}
+{{- end -}}
+{{- $_ := set $ports $key $name -}}
+{{- end -}}
+{{- end -}}
