@@ -74,7 +74,7 @@ lint: setup
 manifests: setup
 	deploy/render-manifests.sh $(HELM) > deploy/manifests/trellis.yaml
 
-# `make bench` (about 6 minutes); `make bench-quick` or `make bench BENCH_ARGS=--quick`.
+# `make bench` (about 8 minutes); `make bench-quick` or `make bench BENCH_ARGS=--quick`.
 bench: setup
 	$(TRELLIS) bench $(BENCH_ARGS)
 

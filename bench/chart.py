@@ -11,7 +11,8 @@ from pathlib import Path
 from bench.report import METRICS
 from bench.stats import Summary
 
-COLOURS = {"direct": "#888888", "trellis": "#2a7ab0", "envoy": "#d9822b", "stunnel": "#5aa05a"}
+COLOURS = {"direct": "#888888", "trellis": "#2a7ab0", "trellis-ebpf": "#7bb8e0",
+           "envoy": "#d9822b", "stunnel": "#5aa05a"}
 
 
 def write_chart(summaries: Mapping[str, Mapping[str, Summary | None]], path: Path) -> Path | None:

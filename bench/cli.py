@@ -1,12 +1,15 @@
 """`trellis bench …`: the mesh benchmark against its peers, and the policy benchmark.
 
-    trellis bench [--quick] [--repetitions N] [--scenarios direct,trellis,envoy,stunnel]
+    trellis bench [--quick] [--repetitions N]
+                  [--scenarios direct,trellis,trellis-ebpf,envoy,stunnel]
     trellis bench policy [--json] [--seconds S]
 
 The mesh benchmark runs every scenario on the namespace lab in one run (the
 lab named by $TRELLIS_LAB_DIR / $TRELLIS_LAB_NETNS_PREFIX; brought up and
-taken down again when none is up), prints the table with ratios to ``direct``
-and ``envoy``, and writes bench/results/<timestamp>.json and .png.
+taken down again when none is up; the mesh's other redirect mode runs in a
+second lab of the bench's own, bench/labsetup.py), prints the table with
+ratios to ``direct``, ``envoy`` and ``trellis`` and the eBPF / iptables line,
+and writes bench/results/<timestamp>.json and .png.
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     bench = subparsers.add_parser(
         "bench", help="benchmark the mesh against no mesh, Envoy and stunnel",
-        description="Benchmark Trellis against no mesh (direct), an Envoy HBONE pair and an "
-                    "stunnel mTLS pair on the namespace lab, in one run.")
+        description="Benchmark Trellis (iptables and eBPF redirect) against no mesh "
+                    "(direct), an Envoy HBONE pair and an stunnel mTLS pair on the "
+                    "namespace lab, in one run.")
     bench.add_argument("--quick", action="store_true",
                        help="one repetition of short workloads (under 3 minutes)")
     bench.add_argument("--repetitions", type=int, default=None,
@@ -38,8 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     bench.add_argument("--results-dir", default=str(RESULTS_DIR),
                        help="where <timestamp>.json and .png go (default: bench/results)")
     bench.add_argument("--keep-lab", action="store_true",
-                       help="leave up a lab the bench brought up itself (a lab that was "
-                            "already up always stays)")
+                       help="leave up the labs the bench brought up itself (a lab that "
+                            "was already up always stays)")
     bench.set_defaults(func=_run)
     commands = bench.add_subparsers(dest="bench_command", metavar="COMMAND")
     policy = commands.add_parser("policy", help="authorization decision rate (no lab needed)",
@@ -79,6 +83,8 @@ def _run(args: argparse.Namespace) -> int:
     summaries = report.summarize_runs(outcome.document["runs"])  # type: ignore[arg-type]
     print()
     print(report.render_table(summaries))
+    print()
+    print(report.render_redirect(summaries))
     print()
     print(report.render_targets(report.target_checks(summaries)))
     print(report.render_ztunnel(summaries))

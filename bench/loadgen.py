@@ -178,7 +178,7 @@ async def run_crr(host: str, port: int, seconds: float, concurrency: int,
             latencies.append(clock() - t0)
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    elapsed = loop.time() - start
+    elapsed = max(loop.time() - start, 1e-9)  # every connect refused at once: no 0 division
     return {"mode": "crr", "completed": len(latencies), "errors": errors, "seconds": elapsed,
             "rate": len(latencies) / elapsed, **latency_summary(latencies)}
 

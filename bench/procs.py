@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from lab import nsenter
+from lab.redirect_mode import in_cgroup
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 STOP_GRACE_SECONDS = 3.0
@@ -53,11 +54,11 @@ class Started:
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def spawn(self, netns: str, argv: Sequence[str], log: Path,
-              stdin: int | None = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
+              stdin: int | None = subprocess.DEVNULL, cgroup: str = "") -> subprocess.Popen[bytes]:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p))
         with open(log, "ab") as out:
-            proc = subprocess.Popen(["ip", "netns", "exec", netns, *argv], stdin=stdin,
+            proc = subprocess.Popen(in_pod(netns, argv, cgroup), stdin=stdin,
                                     stdout=out, stderr=subprocess.STDOUT, env=env,
                                     start_new_session=True)
         self.procs.append(proc)
@@ -85,11 +86,18 @@ class Started:
             self.stop(proc)
 
 
-def run_in(netns: str, argv: Sequence[str], timeout: float) -> str:
+def in_pod(netns: str, argv: Sequence[str], cgroup: str = "") -> list[str]:
+    """``argv`` run in a pod's network namespace and, when given, its cgroup (eBPF
+    mode: the pod's programs see only sockets of processes in the pod's cgroup).
+    The cgroup is joined outside `ip netns exec`, whose fresh /sys hides cgroup v2."""
+    return list(in_cgroup(cgroup, ["ip", "netns", "exec", netns, *argv]))
+
+
+def run_in(netns: str, argv: Sequence[str], timeout: float, cgroup: str = "") -> str:
     """Run a client in ``netns`` to completion (bounded by ``timeout``); its stdout."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p))
-    done = subprocess.run(["ip", "netns", "exec", netns, *argv], capture_output=True,
+    done = subprocess.run(in_pod(netns, argv, cgroup), capture_output=True,
                           timeout=timeout, env=env, check=False)
     if done.returncode != 0:
         tail = done.stderr.decode(errors="replace").strip().splitlines()[-3:]

@@ -1,6 +1,7 @@
 """Pure rendering of benchmark results: the results document (JSON), the terminal
-table with each figure's ratio to ``direct`` and to ``envoy``, and the Trellis /
-Envoy target check the issue sets.
+table with each figure's ratio to ``direct``, ``envoy`` and ``trellis``, the
+Trellis / Envoy target check the issue sets, and the eBPF / iptables comparison
+(``trellis-ebpf`` against ``trellis``).
 
 Input is the raw figures of every repetition, ``{scenario: [{metric: value}]}``;
 a figure a scenario cannot have (proxy CPU of ``direct``) is None.
@@ -41,6 +42,9 @@ METRICS = (
 METRIC_KEYS = tuple(m.key for m in METRICS)
 # Figures measured alongside, in the JSON but not in the issue's list of ten.
 EXTRA_KEYS = ("rr_rate", "crr_p50_us", "crr_p99_us", "vcpu_at_1k_rps")
+# The redirect modes compared: eBPF against iptables, on these figures.
+REDIRECT_PAIR = ("trellis-ebpf", "trellis")
+REDIRECT_KEYS = ("crr_per_s", "rr_p50_us", "rr_p99_us")
 ZTUNNEL_VCPU_AT_1K_RPS = 0.06  # published by Istio, per node proxy
 ZTUNNEL_RSS_MB = 12
 
@@ -57,6 +61,7 @@ def results_document(runs: Runs, meta: Mapping[str, Any]) -> dict[str, Any]:
     scenarios = {name: {key: (s.to_json() if s else None) for key, s in figures.items()}
                  for name, figures in summaries.items()}
     return {"scenarios": scenarios, "targets": [t.to_json() for t in target_checks(summaries)],
+            "ebpf_vs_iptables": redirect_ratios(summaries),
             "runs": {name: [dict(r) for r in reps] for name, reps in runs.items()},
             "meta": dict(meta)}
 
@@ -78,9 +83,11 @@ def _ratio_text(value: float | None) -> str:
 
 
 def render_table(summaries: Summaries) -> str:
-    """One block per figure, one row per scenario: median [min … max], ×direct, ×envoy."""
+    """One block per figure, one row per scenario: median [min … max], then the median
+    over that of direct, of envoy and of trellis (on the trellis-ebpf row: eBPF / iptables)."""
     names = list(summaries)
-    header = ("figure", "scenario", "median", "min … max", "/direct", "/envoy")
+    references = ("direct", "envoy", "trellis")
+    header = ("figure", "scenario", "median", "min … max", *(f"/{r}" for r in references))
     rows: list[tuple[str, ...]] = []
     for metric in METRICS:
         for i, name in enumerate(names):
@@ -89,8 +96,8 @@ def render_table(summaries: Summaries) -> str:
                       if s else "-")
             rows.append((metric.label if i == 0 else "", name,
                          _number(s.median if s else None, metric.digits), spread,
-                         _ratio_text(ratio(s, summaries.get("direct", {}).get(metric.key))),
-                         _ratio_text(ratio(s, summaries.get("envoy", {}).get(metric.key)))))
+                         *(_ratio_text(ratio(s, summaries.get(r, {}).get(metric.key)))
+                           for r in references)))
     widths = [max(len(r[c]) for r in (header, *rows)) for c in range(len(header))]
     lines = [_line(header, widths), _line(tuple("-" * w for w in widths), widths)]
     lines += [_line(r, widths) for r in rows]
@@ -175,3 +182,24 @@ def render_ztunnel(summaries: Summaries, proxies: int = 2) -> str:
     ours_rss = "-" if rss is None else f"{rss.median / proxies / 1024:.0f}"
     return (f"per node proxy at 1,000 rps: trellis {ours_cpu} vCPU, {ours_rss} MB RSS (idle); "
             f"ztunnel (published) ~{ZTUNNEL_VCPU_AT_1K_RPS} vCPU, ~{ZTUNNEL_RSS_MB} MB")
+
+
+def redirect_ratios(summaries: Summaries) -> dict[str, float | None]:
+    """trellis-ebpf's median over trellis's for each of REDIRECT_KEYS (None: not both ran)."""
+    ebpf, iptables = (summaries.get(name, {}) for name in REDIRECT_PAIR)
+    return {key: ratio(ebpf.get(key), iptables.get(key)) for key in REDIRECT_KEYS}
+
+
+def render_redirect(summaries: Summaries) -> str:
+    """The eBPF / iptables line: connection set-up rate and request latency, explicitly."""
+    ebpf, iptables = (summaries.get(name, {}) for name in REDIRECT_PAIR)
+    labels = {m.key: m for m in METRICS}
+    parts = []
+    for key, value in redirect_ratios(summaries).items():
+        metric, e, i = labels[key], ebpf.get(key), iptables.get(key)
+        better = "higher" if metric.higher_is_better else "lower"
+        detail = (f"{_number(e.median, metric.digits)} vs {_number(i.median, metric.digits)}; "
+                  f"{better} is better" if e and i and value is not None
+                  else "not measured: needs trellis and trellis-ebpf in the run")
+        parts.append(f"  {metric.label:<22} {_ratio_text(value):>6}  ({detail})")
+    return "\n".join(["eBPF / iptables redirect (trellis-ebpf / trellis, medians):", *parts])

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from bench.procs import python_module, run_in, total_cpu, total_rss
+from bench.procs import in_pod, python_module, run_in, total_cpu, total_rss
 
 Figures = dict[str, float | None]
 Out = Callable[[str], None]
@@ -42,6 +42,7 @@ class Path:
     iperf_port: int
     http_port: int
     proxy_pids: tuple[int, ...]
+    client_cgroup: str = ""  # eBPF mode: the client pod's cgroup, where its programs are
 
 
 def raise_fd_limits(pids: Sequence[int]) -> None:
@@ -59,7 +60,8 @@ def bulk(path: Path, seconds: float, streams: int) -> tuple[float, float]:
     whole = max(1, round(seconds))
     argv = ["iperf3", "-c", path.host, "-p", str(path.iperf_port), "-t", str(whole),
             "-P", str(streams), "-J"]
-    report = json.loads(run_in(path.client_netns, argv, seconds + CLIENT_GRACE_SECONDS))
+    report = json.loads(run_in(path.client_netns, argv, seconds + CLIENT_GRACE_SECONDS,
+                               path.client_cgroup))
     received = report["end"]["sum_received"]
     return received["bits_per_second"] / 1e9, float(received["bytes"])
 
@@ -68,15 +70,17 @@ def loadgen(path: Path, mode: str, args: Sequence[str], seconds: float) -> dict[
     argv = [*python_module("bench.loadgen"), mode, "--host", path.host,
             "--port", str(path.http_port), *args]
     result: dict[str, object] = json.loads(
-        run_in(path.client_netns, argv, seconds + CLIENT_GRACE_SECONDS).splitlines()[-1])
+        run_in(path.client_netns, argv, seconds + CLIENT_GRACE_SECONDS,
+               path.client_cgroup).splitlines()[-1])
     return result
 
 
 def hold_rss(path: Path, connections: int) -> tuple[int, int]:
     """(open connections, proxies' RSS KB) while ``connections`` are held open."""
-    argv = ["ip", "netns", "exec", path.client_netns, *python_module("bench.loadgen"),
-            "hold", "--host", path.host, "--port", str(path.http_port),
-            "--connections", str(connections), "--seconds", f"{HOLD_SECONDS:g}"]
+    argv = in_pod(path.client_netns, [
+        *python_module("bench.loadgen"), "hold", "--host", path.host,
+        "--port", str(path.http_port), "--connections", str(connections),
+        "--seconds", f"{HOLD_SECONDS:g}"], path.client_cgroup)
     with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                           stderr=subprocess.DEVNULL) as proc:
         assert proc.stdout is not None and proc.stdin is not None

@@ -72,7 +72,7 @@ def test_envoy_configs_carry_both_targets_over_one_hbone_listener(tmp_path: Path
 
 
 def _args(**overrides: object) -> argparse.Namespace:
-    values: dict[str, object] = {"scenarios": "direct,trellis,envoy,stunnel", "quick": False,
+    values: dict[str, object] = {"scenarios": ",".join(runner.SCENARIOS), "quick": False,
                                  "repetitions": None, "results_dir": "/tmp/r", "keep_lab": False}
     values.update(overrides)
     return argparse.Namespace(**values)
@@ -81,9 +81,18 @@ def _args(**overrides: object) -> argparse.Namespace:
 def test_settings_defaults_and_quick() -> None:
     full = cli.settings_from(_args())
     assert full.repetitions == 3 and full.durations == runner.FULL
+    assert full.scenarios == ("direct", "trellis", "trellis-ebpf", "envoy", "stunnel")
     quick = cli.settings_from(_args(quick=True, scenarios="stunnel,direct"))
     assert quick.repetitions == 1 and quick.durations == runner.QUICK
     assert quick.scenarios == ("direct", "stunnel")  # always the canonical order
+
+
+def test_settings_accept_trellis_ebpf() -> None:
+    settings = cli.settings_from(_args(scenarios="trellis-ebpf, trellis"))
+    assert settings.scenarios == ("trellis", "trellis-ebpf")
+    assert runner.MESH_SCENARIOS == {"trellis": "iptables", "trellis-ebpf": "ebpf"}
+    with pytest.raises(LabError, match="--scenarios: unknown trellis-bpf"):
+        cli.settings_from(_args(scenarios="trellis-bpf"))
 
 
 def test_settings_errors_name_the_option() -> None:

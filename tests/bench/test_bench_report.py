@@ -29,6 +29,7 @@ def fake_runs() -> dict[str, list[dict[str, float | None]]]:
         return f
     return {"direct": [figures(1, False), figures(1.1, False), figures(0.9, False)],
             "trellis": [figures(4, True), figures(5, True), figures(3, True)],
+            "trellis-ebpf": [figures(2, True), figures(3, True), figures(2.5, True)],
             "envoy": [figures(2, True), figures(2.5, True), figures(1.5, True)]}
 
 
@@ -58,7 +59,7 @@ def test_median_and_summary() -> None:
 def test_results_document_has_the_issue_shape() -> None:
     document = report.results_document(fake_runs(), {"repetitions": 3})
     document = json.loads(json.dumps(document))  # what other tools read back
-    assert set(document["scenarios"]) == {"direct", "trellis", "envoy"}
+    assert set(document["scenarios"]) == {"direct", "trellis", "trellis-ebpf", "envoy"}
     for figures in document["scenarios"].values():
         assert set(KEYS) <= set(figures)
     bulk = document["scenarios"]["trellis"]["bulk_gbps_1"]
@@ -77,12 +78,14 @@ def test_table_shows_ratios_to_direct_and_envoy() -> None:
     table = report.render_table(report.summarize_runs(fake_runs()))
     lines = table.splitlines()
     assert lines[0].split() == ["figure", "scenario", "median", "min", "…", "max", "/direct",
-                                "/envoy"]
+                                "/envoy", "/trellis"]
     trellis_bulk = next(line for line in lines if line.startswith("bulk Gbit/s, 1 stream"))
     row = next(line for line in lines[lines.index(trellis_bulk):] if " trellis " in line)
-    assert row.split()[-2:] == ["0.25x", "0.50x"]  # 2.5 against 10 and against 5
+    assert row.split()[-3:] == ["0.25x", "0.50x", "1.00x"]  # 2.5 against 10, 5 and itself
+    ebpf = next(line for line in lines[lines.index(trellis_bulk):] if " trellis-ebpf " in line)
+    assert ebpf.split()[-3:] == ["0.40x", "0.80x", "1.60x"]  # 4 against 10, 5 and 2.5
     cpu = next(i for i, line in enumerate(lines) if line.startswith("proxy CPU s per GB"))
-    assert lines[cpu].split()[-4:] == ["-", "-", "-", "-"]  # direct has no proxy CPU
+    assert lines[cpu].split()[-5:] == ["-", "-", "-", "-", "-"]  # direct has no proxy CPU
 
 
 def test_targets_compare_trellis_with_envoy() -> None:
@@ -115,3 +118,41 @@ def test_chart_file_is_a_png(tmp_path: Path) -> None:
     written = chart.write_chart(report.summarize_runs(fake_runs()), tmp_path / "r.png")
     assert written == tmp_path / "r.png"
     assert written.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_trellis_ebpf_has_every_figure_of_trellis_in_the_json() -> None:
+    document = json.loads(json.dumps(report.results_document(fake_runs(), {})))
+    ebpf, iptables = document["scenarios"]["trellis-ebpf"], document["scenarios"]["trellis"]
+    assert set(ebpf) == set(iptables) and set(KEYS) <= set(ebpf)
+    # Medians of 10/2, 10/3, 10/2.5 with their min and max.
+    assert ebpf["bulk_gbps_1"] == {"median": 4.0, "min": 10 / 3, "max": 5.0}
+    assert len(document["runs"]["trellis-ebpf"]) == 3
+
+
+def test_ebpf_over_iptables_ratios_in_json_and_text() -> None:
+    summaries = report.summarize_runs(fake_runs())
+    ratios = report.redirect_ratios(summaries)
+    # crr: medians 5000/2.5 over 5000/4; latency: 50*2.5 over 50*4.
+    assert ratios == pytest.approx({"crr_per_s": 1.6, "rr_p50_us": 0.625, "rr_p99_us": 0.625})
+    assert report.results_document(fake_runs(), {})["ebpf_vs_iptables"] == ratios
+    text = report.render_redirect(summaries).splitlines()
+    assert text[0].startswith("eBPF / iptables redirect")
+    crr = next(line for line in text if "new connections/s" in line)
+    assert "1.60x  (2,000.0 vs 1,250.0; higher is better)" in crr
+    p99 = next(line for line in text if "RR p99" in line)
+    assert "0.62x" in p99 and "lower is better" in p99
+
+
+def test_ebpf_ratio_is_absent_when_one_mode_did_not_run() -> None:
+    runs = fake_runs()
+    del runs["trellis-ebpf"]
+    summaries = report.summarize_runs(runs)
+    assert set(report.redirect_ratios(summaries).values()) == {None}
+    lines = report.render_redirect(summaries).splitlines()[1:]
+    assert len(lines) == 3 and all("not measured" in line for line in lines)
+
+
+def test_chart_has_a_bar_for_trellis_ebpf(tmp_path: Path) -> None:
+    assert "trellis-ebpf" in chart.COLOURS  # its own colour, not the fallback grey
+    written = chart.write_chart(report.summarize_runs(fake_runs()), tmp_path / "e.png")
+    assert written is not None and written.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
