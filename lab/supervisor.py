@@ -54,9 +54,25 @@ def spawn(labdir: LabDir, spec: ProcessSpec) -> int:
         (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
         (os.POSIX_SPAWN_OPEN, 1, log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644),
         (os.POSIX_SPAWN_DUP2, 1, 2),
+        *((os.POSIX_SPAWN_CLOSE, fd) for fd in _inherited_fds()),
     ])
     labdir.pid(spec.name).write_text(f"{pid}\n")
     return pid
+
+
+def _inherited_fds() -> list[int]:
+    """Inheritable fds above stderr: a lab process must not hold what its starter
+    held (a `flock` lock around `trellis lab up` would otherwise stay taken for the
+    lab's whole life)."""
+    fds = []
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            if fd > 2 and os.get_inheritable(fd):
+                fds.append(fd)
+        except OSError:  # the directory's own fd, closed by now
+            continue
+    return fds
 
 
 def running_pid(labdir: LabDir, name: str) -> int | None:

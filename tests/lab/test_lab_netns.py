@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -245,6 +246,29 @@ def test_mesh_processes_start_after_the_network_and_stop_with_no_mesh(
     lifecycle.up(labdir, description, None, lines.append)
     assert lines[6] == "[7/7] mesh: off (--no-mesh), stopped 3 processes"
     assert not any(supervisor.is_alive(pid) for pid in mesh_pids if pid)
+
+
+def test_lab_processes_inherit_no_fds_of_their_starter(plan: LabPlan, labdir: LabDir,
+                                                      tmp_path: Path) -> None:
+    # As when `flock LOCK trellis lab up` starts the lab: the lock's fd must not
+    # live on in the lab's daemons, or the lock stays taken for the lab's life.
+    held = os.open(tmp_path / "lock", os.O_RDWR | os.O_CREAT)
+    os.set_inheritable(held, True)
+    try:
+        pid = supervisor.spawn(labdir, ProcessSpec(
+            "fd-probe", "fd probe", plan.nodes[0].netns, ("sleep", "30"),
+            Probe(plan.nodes[0].netns, "127.0.0.1", 1), 1.0))
+        try:
+            deadline = time.monotonic() + 10  # `ip netns exec` first, then sleep
+            while Path(f"/proc/{pid}/comm").read_text().strip() != "sleep":
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            targets = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+            assert str(tmp_path / "lock") not in targets
+        finally:
+            supervisor.stop(labdir, ["fd-probe"])
+    finally:
+        os.close(held)
 
 
 def test_down_removes_everything_even_without_its_record_and_up_works_again(
