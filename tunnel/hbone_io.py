@@ -1,7 +1,8 @@
 """asyncio adapters for HBONE: sockets and TLS in, `tunnel.hbone` events out.
 
-No protocol logic lives here. An `asyncio.Protocol` per TLS connection feeds
-the sans-IO core, dispatches its events to `HboneStream` objects and writes
+No protocol logic lives here. A protocol object per TLS connection (on a
+`tls_io.TlsTransport`: OpenSSL on the socket, not the loop's TLS) feeds the
+sans-IO core, dispatches its events to `HboneStream` objects and writes
 what the core queues. An `HboneStream` is a relay `Endpoint`, so `splice`
 copies between it and a TCP socket without knowing what either is.
 
@@ -23,15 +24,14 @@ import ssl
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import ClassVar, cast
+from typing import ClassVar
 
 from h2.errors import ErrorCodes
 
 from identity.certs import PeerIdentityError
 from identity.spiffe import Identity
-from tunnel import hbone, tasks, tls
+from tunnel import hbone, tasks, tls, tls_io
 from tunnel.relay import (
-    WRITE_HIGH_WATER,
     ClosedCallback,
     DataCallback,
     SignalCallback,
@@ -42,8 +42,16 @@ from tunnel.relay import (
 
 log = logging.getLogger("trellis.tunnel.hbone")
 
-STREAM_SEND_HIGH_WATER = 1024 * 1024
-STREAM_SEND_LOW_WATER = STREAM_SEND_HIGH_WATER // 4
+# A stream stops reading its TCP side once the windows hold back this much, and
+# resumes when all of it went out. Bytes the windows do not admit are copied and
+# framed again later, so a sender that keeps reading past the window (1 MiB
+# here before issue 6) pays twice per byte exactly when the receiver is the
+# bottleneck; the kernel's socket buffer holds them for free.
+STREAM_SEND_HIGH_WATER = 64 * 1024
+STREAM_SEND_LOW_WATER = 0
+# The TLS transport's queue: past this, every stream of the connection pauses.
+# It only fills while the socket is full, and each byte queued is a copy.
+TLS_WRITE_HIGH_WATER = 256 * 1024
 HANDSHAKE_TIMEOUT = 10.0
 
 
@@ -237,14 +245,17 @@ class HboneStream:
 
 # --------------------------------------------------------------- connections
 
-class _HboneConnection(asyncio.Protocol):
-    """What client and server connections share: the TLS transport and event dispatch."""
+class _HboneConnection:
+    """What client and server connections share: the TLS transport and event dispatch.
+
+    A `tls_io.TlsProtocol`: the transport is OpenSSL on the socket (see tls_io
+    for why not the loop's TLS transport)."""
 
     _proto: hbone.HboneClientProtocol | hbone.HboneServerProtocol
 
     def __init__(self, trust_domain: str) -> None:
         self._trust_domain = trust_domain
-        self._transport: asyncio.Transport | None = None
+        self._transport: tls_io.TlsTransport | None = None
         self._streams: dict[int, HboneStream] = {}
         self._buffer_paused_streams: dict[int, HboneStream] = {}
         self._writing_paused = False
@@ -258,13 +269,11 @@ class _HboneConnection(asyncio.Protocol):
         # Set by a pool: called when the last stream of this connection finished.
         self.on_idle: Callable[[], None] | None = None
 
-    # asyncio.Protocol
+    # tls_io.TlsProtocol
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports implement asyncio.Transport without subclassing it.
-        transport = cast(asyncio.Transport, transport)
+    def connection_made(self, transport: tls_io.TlsTransport) -> None:
         self._transport = transport
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        transport.set_write_buffer_limits(high=TLS_WRITE_HIGH_WATER)
         try:
             self._check_peer(transport.get_extra_info("ssl_object"))
         except (PeerIdentityError, PeerIdentityMismatch, TunnelClosed) as exc:
@@ -274,7 +283,7 @@ class _HboneConnection(asyncio.Protocol):
             return
         transport.write(self._proto.initiate())
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: memoryview) -> None:
         try:
             events = self._proto.receive_data(data)
         except hbone.RemoteProtocolError as exc:
@@ -296,7 +305,7 @@ class _HboneConnection(asyncio.Protocol):
     def eof_received(self) -> bool:
         return False  # TLS has no half-close; let the transport close
 
-    def connection_lost(self, exc: Exception | None) -> None:
+    def connection_lost(self, exc: BaseException | None) -> None:
         reason = self._close_reason or (f"connection lost: {exc}" if exc else "connection closed")
         self._close_reason = reason
         for stream in list(self._streams.values()):
@@ -427,7 +436,7 @@ class _HboneConnection(asyncio.Protocol):
         hbone.ConnectionTerminated: _on_terminated,
     }
 
-    def _check_peer(self, ssl_object: ssl.SSLObject | None) -> None:
+    def _check_peer(self, ssl_object: ssl.SSLSocket | None) -> None:
         if ssl_object is None:
             raise TunnelClosed("HBONE needs TLS")
         if ssl_object.selected_alpn_protocol() != tls.ALPN:
@@ -477,9 +486,10 @@ class HboneConnection(_HboneConnection):
         try:
             async with asyncio.timeout(connect_timeout):
                 await loop.sock_connect(sock, address)
-                _, conn = await loop.create_connection(
-                    lambda: cls(trust_domain, expected_peer), sock=sock, ssl=ssl_context,
-                    server_hostname="", ssl_handshake_timeout=connect_timeout)
+                ssl_sock = await tls_io.handshake(sock, ssl_context, server_side=False,
+                                                  timeout=connect_timeout)
+                conn = cls(trust_domain, expected_peer)
+                tls_io.TlsTransport(loop, ssl_sock, conn)
                 if conn._setup_error is not None:
                     raise conn._setup_error
                 await asyncio.shield(conn._ready)
@@ -487,7 +497,7 @@ class HboneConnection(_HboneConnection):
             if conn is not None:  # the transport owns the socket now
                 conn._shut("connect failed", graceful=False)
             else:
-                sock.close()
+                sock.close()  # a no-op once the handshake took it over (and closed it)
             raise
         return conn
 
@@ -561,7 +571,7 @@ class HboneConnection(_HboneConnection):
         hbone.StreamRejected: _on_rejected,
     }
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: memoryview) -> None:
         super().data_received(data)
         if not self._ready.done() and self._proto.peer_settings_received:
             self._ready.set_result(None)
@@ -581,7 +591,7 @@ class HboneConnection(_HboneConnection):
             if not waiter.done():
                 waiter.set_result(None)
 
-    def _check_peer(self, ssl_object: ssl.SSLObject | None) -> None:
+    def _check_peer(self, ssl_object: ssl.SSLSocket | None) -> None:
         try:
             super()._check_peer(ssl_object)
         except PeerIdentityError as exc:
@@ -703,10 +713,10 @@ class HboneListener:
     Why not ``create_server(ssl=...)``: asyncio and uvloop drop a connection whose
     TLS handshake fails (an expired or untrusted client certificate) without a
     word unless the loop is in debug mode, so an operator never learned why a
-    peer was refused. Accepting the socket ourselves and handing it to
-    ``connect_accepted_socket`` makes the handshake's failure an exception we log
-    with the peer's address and OpenSSL's reason. A new TLS connection is rare
-    (pooled), so a Python accept loop costs nothing that matters.
+    peer was refused. Accepting the socket ourselves and running the handshake
+    (`tls_io.handshake`) makes its failure an exception we log with the peer's
+    address and OpenSSL's reason. A new TLS connection is rare (pooled), so a
+    Python accept loop costs nothing that matters.
     (Added for issue 6, the Envoy interop tests.)
     """
 
@@ -756,18 +766,18 @@ class HboneListener:
             self._sock.close()
 
     async def _handshake(self, conn: socket.socket, peer: object) -> None:
-        loop = asyncio.get_running_loop()
         try:
-            _, connection = await loop.connect_accepted_socket(
-                lambda: _HboneServerConnection(self._handler, self._trust_domain), conn,
-                ssl=self._ssl_context, ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
-            self._connections.add(connection)
+            ssl_sock = await tls_io.handshake(conn, self._ssl_context, server_side=True,
+                                              timeout=HANDSHAKE_TIMEOUT)
         except (OSError, TimeoutError) as exc:
             reason = getattr(exc, "verify_message", None) or str(exc) or type(exc).__name__
             log.warning("refused HBONE connection from %s: TLS handshake failed: %s",
                         peer, reason, extra={"fields": {
                             "peer_address": str(peer), "error": f"tls handshake: {reason}"}})
-            conn.close()
+            return
+        connection = _HboneServerConnection(self._handler, self._trust_domain)
+        tls_io.TlsTransport(asyncio.get_running_loop(), ssl_sock, connection)
+        self._connections.add(connection)
 
 
 async def serve_hbone(sock: socket.socket, ssl_context: ssl.SSLContext, handler: InboundHandler,

@@ -57,6 +57,25 @@ def test_data_flows_both_ways() -> None:
     assert received(pair.client_events, sid) == b"hi client"
 
 
+def test_a_burst_is_framed_whole_and_its_output_memory_is_given_back() -> None:
+    """Output is framed in place in one reused buffer, grown for a burst (here 3 MiB in
+    one send) and shrunk at the next small flush, so an idle connection keeps little."""
+    pair = Pair()
+    sid = pair.open()
+    burst = bytes(range(256)) * (3 * 4096)
+    pair.client.send_data(sid, burst)
+    wire = bytes(pair.client.data_to_send())
+    assert len(wire) == len(burst) + 9 * (len(burst) // hbone.SEND_FRAME_SIZE)
+    got = b"".join(bytes(e.data) for e in pair.server.receive_data(wire)
+                   if isinstance(e, hbone.DataReceived))
+    assert got == burst
+    pair.client.send_data(sid, b"small")
+    pair.pump()
+    assert received(pair.server_events, sid) == b"small"
+    assert pair.client.data_to_send().nbytes == 0
+    assert len(pair.client._out.buffer) == 0
+
+
 def test_send_is_buffered_past_the_window_and_released_by_acknowledgement() -> None:
     pair = Pair(auto_ack=False)
     sid = pair.open()

@@ -21,6 +21,7 @@ from tunnel import hbone, tls
 from tunnel.hbone_io import (
     STREAM_SEND_HIGH_WATER,
     HboneConnection,
+    HboneListener,
     PeerIdentityMismatch,
     StreamRejected,
     TunnelClosed,
@@ -463,5 +464,26 @@ def test_connections_from_a_removed_source_are_never_reused(frontend_bundle: Cer
         finally:
             await env.close()
             app.close()
+
+    run(main)
+
+
+def test_listener_aborts_the_tunnels_it_accepted(frontend_bundle: CertBundle,
+                                                 backend_bundle: CertBundle) -> None:
+    """What `Proxy.remove_pod` relies on: a peer's pooled connection to a removed pod
+    is ended by the listener, not left open until the peer closes it. (Under the
+    loop's TLS transport the listener never saw its connections: uvloop returned
+    its own protocol object from connect_accepted_socket.)"""
+    async def main() -> None:
+        env = await HboneEnv(frontend_bundle, backend_bundle).start()
+        try:
+            conn = await env.connect()
+            listener = env._servers[0]
+            assert isinstance(listener, HboneListener)
+            listener.abort_connections()
+            await asyncio.wait_for(conn.wait_closed(), 5)
+            assert not conn.is_usable
+        finally:
+            await env.close()
 
     run(main)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import os
 import socket
 import struct
 
@@ -181,5 +183,45 @@ def test_client_reset_reaches_the_app_through_the_tunnel_as_a_reset(
         finally:
             await env.close()
             app.close()
+
+    run(main)
+
+
+def test_bulk_to_a_slow_reader_arrives_intact() -> None:
+    """Reads share one buffer (`tunnel.readbuf`) and a TCP transport that cannot send
+    keeps a view of it: the relay must never overwrite bytes still queued there."""
+    async def main() -> None:
+        front, back = await relay_pair()
+        _, writer = await asyncio.open_connection(*front.address)
+        downstream = await front.queue.get()
+        upstream = await connect_tcp(client_socket(), back.address, timeout=5)
+        app = await back.queue.get()
+        handle = start_splice(downstream, upstream)
+        payload = os.urandom(24 * 1024 * 1024)
+        writer.write(payload)
+        writer.write_eof()
+        await asyncio.sleep(0.2)  # the app reads nothing yet: every buffer fills up
+        got = hashlib.sha256()
+        received = 0
+        done = asyncio.Event()
+
+        def take(data: bytes | memoryview) -> None:
+            nonlocal received
+            got.update(data)
+            received += len(data)
+
+        app.on_data = take
+        app.on_eof = done.set
+        app.resume_reading()
+        await asyncio.wait_for(done.wait(), 10)
+        assert received == len(payload)
+        assert got.hexdigest() == hashlib.sha256(payload).hexdigest()
+        app.write_eof()
+        assert (await handle.wait()).error is None
+        writer.close()
+        app.close()
+        for server in (front.server, back.server):
+            assert server is not None
+            server.close()
 
     run(main)
