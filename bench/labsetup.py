@@ -140,16 +140,18 @@ def _enter(labdir: LabDir, started: bool, out: Out) -> BenchLab:
 
 
 def mesh_pids(labdir: LabDir, plan: LabPlan) -> tuple[int, ...]:
-    """The processes whose CPU and RSS are the mesh's, on both bench nodes: each
-    node's agent and its proxy (a lab whose agent runs the proxy itself has none)."""
+    """The processes whose CPU and RSS are the data path's, on both bench nodes: each
+    node's proxy (or, in a lab whose agent runs the proxy itself, the agent). The
+    split agent is control plane, like istio-cni beside ztunnel; the Envoy and
+    stunnel scenarios count only their proxies too."""
     pids: list[int] = []
     for node in (plan.node(CLIENT_NODE), plan.node(SERVER_NODE)):
-        agent = supervisor.running_pid(labdir, agent_name(node))
-        if agent is None:
-            raise LabError(f"the agent of {node.name} in {labdir.root} is not running; "
+        pid = (supervisor.running_pid(labdir, proxy_name(node))
+               or supervisor.running_pid(labdir, agent_name(node)))
+        if pid is None:
+            raise LabError(f"the proxy of {node.name} in {labdir.root} is not running; "
                            "`trellis lab up` restarts it")
-        proxy = supervisor.running_pid(labdir, proxy_name(node))
-        pids += [agent] if proxy is None else [agent, proxy]
+        pids.append(pid)
     return tuple(pids)
 
 
