@@ -3,11 +3,19 @@
 Labels are computed once per connection (``connection_labels``) and the counters
 are bumped at open and close only, so the byte-copy path never touches metrics.
 Each proxy owns its ``CollectorRegistry``: tests can run several in one process.
+
+Both steps are cached, because they run on every new connection and their
+inputs repeat: the same few (source, destination) pairs account for nearly all
+connections. ``connection_labels`` remembers its answers per set of inputs, and
+``ProxyMetrics`` keeps the four counter children of each label set, since
+prometheus-client's ``labels()`` validates and converts all 27 values and takes
+a lock on every call.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Info
 
@@ -58,10 +66,38 @@ class ConnectionLabels:
         return dict(zip(TCP_LABELS, self.values, strict=True))
 
 
+# Answers of `connection_labels`, keyed by its inputs. Workloads and Services are
+# immutable but not hashable (their labels are mappings), so they are keyed by
+# id() and the entry keeps the objects themselves: an id cannot be reused while
+# its object is alive, and each hit checks identity. A new MeshState brings new
+# objects; the cache is simply emptied when it grows past a bound. Module-level
+# on purpose: it is derived data, holds no configuration and is never wrong.
+_LABEL_CACHE_MAX = 4096
+_label_cache: dict[tuple[Any, ...], tuple[object, object, object, ConnectionLabels]] = {}
+
+
 def connection_labels(*, reporter: str, source: Workload | None, source_principal: str | None,
                       destination: Workload | None, destination_principal: str | None,
                       service: Service | None, security_policy: str, cluster: str,
                       response_flags: str = "-") -> ConnectionLabels:
+    key = (reporter, id(source), source_principal, id(destination), destination_principal,
+           id(service), security_policy, cluster, response_flags)
+    hit = _label_cache.get(key)
+    if hit is not None and hit[0] is source and hit[1] is destination and hit[2] is service:
+        return hit[3]
+    labels = _compute_labels(reporter, source, source_principal, destination,
+                             destination_principal, service, security_policy, cluster,
+                             response_flags)
+    if len(_label_cache) >= _LABEL_CACHE_MAX:
+        _label_cache.clear()
+    _label_cache[key] = (source, destination, service, labels)
+    return labels
+
+
+def _compute_labels(reporter: str, source: Workload | None, source_principal: str | None,
+                    destination: Workload | None, destination_principal: str | None,
+                    service: Service | None, security_policy: str, cluster: str,
+                    response_flags: str) -> ConnectionLabels:
     labels = {"reporter": reporter}
     labels |= _peer_labels("source", source, source_principal, cluster)
     labels |= _peer_labels("destination", destination, destination_principal, cluster)
@@ -100,16 +136,32 @@ class ProxyMetrics:
         self.connect_failures = Counter("trellis_connect_failures",
                                         "Connections that failed before any byte moved",
                                         ["direction", "reason"], registry=r)
+        # Children per label set, for each counter; bounded by the label sets the
+        # registry itself keeps forever. The byte counters get a child only once
+        # bytes moved, as before (a denied connection shows no byte series).
+        self._opened: dict[tuple[str, ...], Any] = {}
+        self._closed: dict[tuple[str, ...], Any] = {}
+        self._sent: dict[tuple[str, ...], Any] = {}
+        self._received: dict[tuple[str, ...], Any] = {}
+
+    @staticmethod
+    def _child(cache: dict[tuple[str, ...], Any], counter: Counter,
+               values: tuple[str, ...]) -> Any:
+        child = cache.get(values)
+        if child is None:
+            child = cache[values] = counter.labels(*values)
+        return child
 
     def on_open(self, labels: ConnectionLabels) -> None:
-        self.opened.labels(*labels.values).inc()
+        self._child(self._opened, self.opened, labels.values).inc()
 
     def on_close(self, labels: ConnectionLabels, *, request_bytes: int,
                  response_bytes: int) -> None:
         # Istio's meaning, for either reporter: "received" counts the request
         # direction (source → destination), "sent" the response direction.
-        self.closed.labels(*labels.values).inc()
+        values = labels.values
+        self._child(self._closed, self.closed, values).inc()
         if response_bytes:
-            self.sent.labels(*labels.values).inc(response_bytes)
+            self._child(self._sent, self.sent, values).inc(response_bytes)
         if request_bytes:
-            self.received.labels(*labels.values).inc(request_bytes)
+            self._child(self._received, self.received, values).inc(request_bytes)
