@@ -3,26 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from demo_snapshots import pod, snapshot
 
 from identity.spiffe import Identity
 from nodeagent.mesh_feed import MeshFeed
-from nodeagent.objects import parse_yaml
 from nodeagent.policies import PolicyLoader
 
 pytestmark = pytest.mark.unit
-
-NAMESPACE = """\
-apiVersion: v1
-kind: Namespace
-metadata: {name: demo, labels: {trellis.dev/dataplane-mode: ambient}}
-"""
-
-
-def pod(name: str, ip: str, *, node: str = "node-1", sa: str = "web", mode: str = "") -> str:
-    labels = f"{{app: web{', trellis.dev/dataplane-mode: ' + mode if mode else ''}}}"
-    return (f"---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: demo\n"
-            f"  labels: {labels}\nspec: {{nodeName: {node}, serviceAccountName: {sa}}}\n"
-            f"status: {{podIP: {ip}}}\n")
 
 
 class FakeProxy:
@@ -53,12 +40,11 @@ def test_certificates_follow_the_identities_enrolled_on_this_node() -> None:
     proxy, certs = FakeProxy(), FakeCertificates()
     feed = MeshFeed("node-1", proxy, certs, PolicyLoader("trellis-system"))  # type: ignore[arg-type]
     assert not feed.synced
-    feed.apply(parse_yaml(NAMESPACE + pod("a", "198.18.1.10") + pod(
-        "b", "198.18.2.10", node="node-2", sa="other"), source="t.yaml"))
+    feed.apply(snapshot(pod("a", "198.18.1.10") + pod(
+        "b", "198.18.2.10", node="node-2", sa="other")))
     assert certs.tracked == {Identity.of("demo", "web")}
     assert feed.synced and len(proxy.states) == 1 and len(proxy.policies) == 1
-    feed.apply(parse_yaml(NAMESPACE + pod("a", "198.18.1.10", sa="api"), source="t.yaml"))
+    feed.apply(snapshot(pod("a", "198.18.1.10", sa="api")))
     assert certs.tracked == {Identity.of("demo", "api")}
-    feed.apply(parse_yaml(NAMESPACE + pod("a", "198.18.1.10", sa="api", mode="none"),
-                          source="t.yaml"))
+    feed.apply(snapshot(pod("a", "198.18.1.10", sa="api", mode="none")))
     assert certs.tracked == set()

@@ -5,26 +5,12 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from demo_snapshots import pod, snapshot
 
 from nodeagent.agent import Reconciler
-from nodeagent.objects import parse_yaml
 from nodeagent.redirect import PodNetwork
 
 pytestmark = pytest.mark.unit
-
-NAMESPACE = """\
-apiVersion: v1
-kind: Namespace
-metadata: {name: demo, labels: {trellis.dev/dataplane-mode: ambient}}
-"""
-
-
-def pod(name: str, ip: str, *, node: str = "node-1", sa: str = "web", mode: str = "") -> str:
-    labels = f"{{app: web{', trellis.dev/dataplane-mode: ' + mode if mode else ''}}}"
-    return (f"---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: demo\n"
-            f"  labels: {labels}\n  annotations: {{trellis.dev/netns: /run/netns/{name}}}\n"
-            f"spec: {{nodeName: {node}, serviceAccountName: {sa}}}\nstatus: {{podIP: {ip}}}\n")
-
 
 class FakeProxy:
     """A PodProxy whose link can drop (a new generation) or be down."""
@@ -80,10 +66,6 @@ def make() -> tuple[Reconciler, FakeProxy, FakeRedirector]:
     redirector = FakeRedirector(proxy.events)
     reconciler = Reconciler("node-1", proxy, redirector)  # type: ignore[arg-type]
     return reconciler, proxy, redirector
-
-
-def snapshot(*pods: str):  # type: ignore[no-untyped-def]
-    return parse_yaml(NAMESPACE + "".join(pods), source="test.yaml")
 
 
 def test_enrolls_listeners_before_rules_and_only_this_nodes_pods() -> None:
