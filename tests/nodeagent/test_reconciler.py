@@ -12,6 +12,7 @@ from nodeagent.redirect import PodNetwork
 
 pytestmark = pytest.mark.unit
 
+
 class FakeProxy:
     """A PodProxy whose link can drop (a new generation) or be down."""
 
