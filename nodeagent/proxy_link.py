@@ -72,7 +72,9 @@ class LocalProxy:
         pass
 
     async def close(self) -> None:
-        await self.proxy.close()
+        # The process that built the proxy closes it, after draining
+        # (ProxyStack.drain_and_close); closing here too would do it twice.
+        pass
 
 
 class RemoteProxy:

@@ -44,17 +44,21 @@ async def run_agent(config: AgentConfig) -> None:
     redirector = make_redirector(config.redirect, bpf_root=config.effective_bpf_root,
                                  fallback=config.redirect_fallback)
     stack: ProxyStack | None = None
+    remote: RemoteProxy | None = None
     link: PodProxy
     if config.control_socket is None:
         stack = ProxyStack.build(config)
         link = LocalProxy(stack.proxy)
     else:
-        link = RemoteProxy(config.control_socket, config.node,
-                           on_connect=getattr(redirector, "follow_proxy", None))
+        link = remote = RemoteProxy(config.control_socket, config.node,
+                                    on_connect=getattr(redirector, "follow_proxy", None))
     reconciler = Reconciler(config.node, link, redirector,
                             netns_resolver=netns_resolver(config.source))
-    registry = (stack.metrics.registry if stack is not None
-                else _agent_registry(reconciler, link))  # type: ignore[arg-type]
+    if stack is not None:
+        registry = stack.metrics.registry
+    else:
+        assert remote is not None  # set whenever there is no stack
+        registry = _agent_registry(reconciler, remote)
     admin = AdminServer(registry, reconciler.not_ready_reason)
     await admin.start(config.metrics_address, config.readiness_address)
     if stack is not None:
