@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, field
 
 from identity.spiffe import DEFAULT_TRUST_DOMAIN
 
@@ -26,6 +27,23 @@ class ProxyConfig:
     connect_timeout_s: float = 5.0
     pool_idle_timeout_s: float = 300.0
     max_streams_per_connection: int = 100
+    # Limits (issue 10). Each one that bites is counted and logged at a bounded rate.
+    # A connection is an accepted TCP connection on 15001/15006 or a CONNECT stream on
+    # 15008, from accept until its relay ends; each holds up to two fds, so the node
+    # limit also sizes RLIMIT_NOFILE (raised at start). The defaults admit the
+    # 10,000-connection soak from one pod with room to spare.
+    max_connections_per_node: int = 65536
+    max_connections_per_pod: int = 16384
+    # A relay that moved no byte either way for this long is closed; 0: never.
+    # One hour, as Envoy's tcp_proxy idle_timeout.
+    relay_idle_timeout_s: float = 3600.0
+    # Write high-water mark of each relayed TCP socket: past it the relay stops reading
+    # the other side, so one slow reader holds about this much of the proxy's memory.
+    relay_write_high_water_bytes: int = 1024 * 1024
+    # The proxy's ports outside the pods (metrics, readiness). With the three pod ports
+    # they are never a connection's target: reaching one would loop through the proxy.
+    admin_ports: tuple[int, ...] = (15020, 15021)
+    own_ports: frozenset[int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.node:
@@ -37,6 +55,30 @@ class ProxyConfig:
         if not 1 <= self.max_streams_per_connection <= 1000:
             raise ConfigError("max_streams_per_connection: must be within 1..1000, "
                               f"got {self.max_streams_per_connection}")
+        self._check_limits()
+        object.__setattr__(self, "own_ports", frozenset(
+            (OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_HBONE_PORT, *self.admin_ports)))
+
+    def _check_limits(self) -> None:
+        if not 1 <= self.max_connections_per_node <= 1_000_000:
+            raise ConfigError("max_connections_per_node: must be within 1..1000000, "
+                              f"got {self.max_connections_per_node}")
+        if not 1 <= self.max_connections_per_pod <= self.max_connections_per_node:
+            raise ConfigError("max_connections_per_pod: must be within 1..max_connections_"
+                              f"per_node ({self.max_connections_per_node}), "
+                              f"got {self.max_connections_per_pod}")
+        idle = self.relay_idle_timeout_s
+        if not (math.isfinite(idle) and 0 <= idle <= 7 * 86400):
+            raise ConfigError(f"relay_idle_timeout_s: must be 0 (off) or up to 604800 s, "
+                              f"got {idle}")
+        if not 16 * 1024 <= self.relay_write_high_water_bytes <= 64 * 1024 * 1024:
+            raise ConfigError("relay_write_high_water_bytes: must be within 16 KiB..64 MiB, "
+                              f"got {self.relay_write_high_water_bytes}")
+        for port in self.admin_ports:
+            if not 1 <= port <= 65535:
+                raise ConfigError(f"admin_ports: {port} is not a TCP port")
 
     def as_dict(self) -> dict[str, object]:
-        return asdict(self)
+        values = asdict(self)
+        values["own_ports"] = sorted(self.own_ports)
+        return values
