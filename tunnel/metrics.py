@@ -136,6 +136,27 @@ class ProxyMetrics:
         self.connect_failures = Counter("trellis_connect_failures",
                                         "Connections that failed before any byte moved",
                                         ["direction", "reason"], registry=r)
+        # Limits and refusals (tunnel/limits.py); reasons are `limits.Refusal` values.
+        self.refusals = Counter("trellis_connections_refused",
+                                "Connections refused before any byte moved: a target "
+                                "that would loop through the proxy, or a limit reached",
+                                ["direction", "reason"], registry=r)
+        self.active_connections = Gauge(
+            "trellis_connections_active", "Connections being set up or relayed: on the "
+            "node, and in the pod that has the most", ["scope"], registry=r)
+        self.connection_limit = Gauge("trellis_connections_limit",
+                                      "max_connections_per_node / _per_pod in force",
+                                      ["scope"], registry=r)
+        self.idle_closed = Counter("trellis_connections_idle_closed",
+                                   "Relays closed after relay_idle_timeout_s without a byte",
+                                   ["direction"], registry=r)
+        self.write_pauses = Counter("trellis_relay_write_pauses",
+                                    "Times a relayed socket's write buffer reached "
+                                    "relay_write_high_water_bytes (reading the other side "
+                                    "paused)", registry=r)
+        self.write_paused = Gauge("trellis_relay_write_paused_connections",
+                                  "Relays whose socket write buffer is at its cap now",
+                                  registry=r)
         # Children per label set, for each counter; bounded by the label sets the
         # registry itself keeps forever. The byte counters get a child only once
         # bytes moved, as before (a denied connection shows no byte series).
