@@ -133,6 +133,12 @@ class ProxyMetrics:
         self.denials = Counter("trellis_policy_denials",
                                "Inbound connections denied (or closed) by authorization",
                                ["policy", "reason"], registry=r)
+        # One series per invalid policy, removed when it is fixed or deleted:
+        # policies are cluster objects, so names are bounded as for `denials`.
+        self.invalid_policies = Gauge("trellis_policy_invalid",
+                                      "1 for each policy that failed validation, by what "
+                                      "is enforced in its place", ["policy", "fallback"],
+                                      registry=r)
         self.connect_failures = Counter("trellis_connect_failures",
                                         "Connections that failed before any byte moved",
                                         ["direction", "reason"], registry=r)
