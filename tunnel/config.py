@@ -43,6 +43,14 @@ class ProxyConfig:
     # The proxy's ports outside the pods (metrics, readiness). With the three pod ports
     # they are never a connection's target: reaching one would loop through the proxy.
     admin_ports: tuple[int, ...] = (15020, 15021)
+    # HBONE (15008) before authentication (tunnel/handshake_limit.py): a TLS handshake
+    # must finish within this, and at most this many may be pending per pod listener
+    # and on the node (an idle one holds ~45 KiB). Streams per connection (above) is
+    # our SETTINGS_MAX_CONCURRENT_STREAMS, the in-flight CONNECT handlers' bound and
+    # the pool's cap per outbound connection.
+    hbone_handshake_timeout_s: float = 5.0
+    max_pending_handshakes_per_listener: int = 128
+    max_pending_handshakes_per_node: int = 512
     own_ports: frozenset[int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -77,6 +85,22 @@ class ProxyConfig:
         for port in self.admin_ports:
             if not 1 <= port <= 65535:
                 raise ConfigError(f"admin_ports: {port} is not a TCP port")
+        self._check_handshake_limits()
+
+    def _check_handshake_limits(self) -> None:
+        timeout = self.hbone_handshake_timeout_s
+        if not (math.isfinite(timeout) and 0 < timeout <= 60):
+            raise ConfigError(f"hbone_handshake_timeout_s: must be within (0, 60] s, "
+                              f"got {timeout}")
+        if not 1 <= self.max_pending_handshakes_per_node <= 100_000:
+            raise ConfigError("max_pending_handshakes_per_node: must be within 1..100000, "
+                              f"got {self.max_pending_handshakes_per_node}")
+        if not 1 <= self.max_pending_handshakes_per_listener \
+                <= self.max_pending_handshakes_per_node:
+            raise ConfigError("max_pending_handshakes_per_listener: must be within "
+                              f"1..max_pending_handshakes_per_node "
+                              f"({self.max_pending_handshakes_per_node}), "
+                              f"got {self.max_pending_handshakes_per_listener}")
 
     def as_dict(self) -> dict[str, object]:
         values = asdict(self)

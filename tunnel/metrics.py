@@ -163,6 +163,23 @@ class ProxyMetrics:
         self.write_paused = Gauge("trellis_relay_write_paused_connections",
                                   "Relays whose socket write buffer is at its cap now",
                                   registry=r)
+        # HBONE abuse guards (tunnel/handshake_limit.py, tunnel/hbone.py); every reason
+        # is an enum value: HandshakeFailure, hbone.PeerFault, or "handler_limit".
+        self.handshake_failures = Counter(
+            "trellis_hbone_handshake_failures", "Connections to 15008 that never became a "
+            "tunnel: handshake timeout, pending-handshake bound, TLS or identity refusal",
+            ["reason"], registry=r)
+        self.handshakes_pending = Gauge(
+            "trellis_hbone_handshakes_pending", "TLS handshakes on 15008 not finished yet "
+            "(bounded by max_pending_handshakes_per_node)", registry=r)
+        self.hbone_peer_errors = Counter(
+            "trellis_hbone_peer_errors", "Inbound HBONE connections ended with a GOAWAY "
+            "for the peer's fault: protocol error, control-frame flood, rapid reset",
+            ["reason"], registry=r)
+        self.hbone_streams_refused = Counter(
+            "trellis_hbone_streams_refused", "CONNECT streams refused (REFUSED_STREAM) "
+            "while max_streams_per_connection handlers of the connection were busy",
+            ["reason"], registry=r)
         # Children per label set, for each counter; bounded by the label sets the
         # registry itself keeps forever. The byte counters get a child only once
         # bytes moved, as before (a denied connection shows no byte series).
