@@ -5,6 +5,14 @@ Each tracked identity has one worker task that loops: wait until
 fetch, publish. A failed fetch never drops the certificate we hold: it stays
 in use while it is valid, and we retry 0.5 s, 1 s, 2 s … capped at 150 s, with
 jitter so that every agent does not hit a recovering CA at the same instant.
+
+Half-life is counted from when the certificate *arrived*, as Istio's agent
+counts it, but only within the CA's deliberate backdating (identity.ca
+backdates `not_before` by CLOCK_SKEW): with a short lifetime such as the lab's
+`--cert-ttl 1m`, half of [not_before, not_after] would already be over on
+arrival, and renewal would turn into a retry loop. A certificate that arrives
+later in its life than the backdate explains (a CA whose clock runs behind) is
+still treated as a failure and backed off.
 """
 
 from __future__ import annotations
@@ -14,9 +22,10 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
+from identity.ca import CLOCK_SKEW
 from identity.certs import CertBundle
 from identity.spiffe import Identity
 
@@ -30,13 +39,25 @@ Fetch = Callable[[Identity], Awaitable[CertBundle]]
 Subscriber = Callable[[CertBundle], None]
 
 
+def renewal_due(bundle: CertBundle, received: datetime | None = None,
+                backdate: timedelta = CLOCK_SKEW) -> datetime:
+    """When to renew `bundle`: half-way from its start to `not_after`, where the start
+    is when it was `received`, moved back no earlier than `not_before` and no later
+    than `not_before + backdate` (what the CA's backdating explains). Pure."""
+    start = bundle.not_before
+    if received is not None:
+        start = min(max(received, bundle.not_before), bundle.not_before + backdate)
+    return start + (bundle.not_after - start) / 2
+
+
 def next_attempt_delay(bundle: CertBundle | None, now: datetime, consecutive_failures: int,
-                       jitter: float = 0.0) -> float:
+                       jitter: float = 0.0, *, received: datetime | None = None) -> float:
     """Seconds until the next fetch. Pure: `jitter` is a uniform draw in [0, 1).
 
     - failures: exponential backoff from the first retry, whatever we hold;
     - no certificate yet: now;
-    - otherwise: at the certificate's half-life (now, if that has passed).
+    - otherwise: at the certificate's half-life, counted from when it was
+      `received` (`renewal_due`; now, if that has passed).
     """
     if consecutive_failures < 0 or not 0.0 <= jitter < 1.0:
         raise ValueError(f"consecutive_failures={consecutive_failures} must be >= 0 and "
@@ -47,7 +68,7 @@ def next_attempt_delay(bundle: CertBundle | None, now: datetime, consecutive_fai
         return step * (1.0 - JITTER * jitter)
     if bundle is None:
         return 0.0
-    return max(0.0, (bundle.renew_at - now).total_seconds())
+    return max(0.0, (renewal_due(bundle, received) - now).total_seconds())
 
 
 class Cancellable(Protocol):
@@ -67,6 +88,7 @@ class _Tracked:
     """Mutable per-identity state, owned by the manager and its one worker."""
 
     bundle: CertBundle | None = None
+    received: datetime | None = None  # when `bundle` arrived: its half-life counts from there
     failures: int = 0
     last_error: str | None = None
     wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -166,7 +188,7 @@ class CertificateManager:
     async def _run(self, identity: Identity, state: _Tracked) -> None:
         while True:
             delay = next_attempt_delay(state.bundle, self._clock(), state.failures,
-                                       self._jitter())
+                                       self._jitter(), received=state.received)
             await self._sleep_unless_woken(delay, state.wake)
             try:
                 bundle = await self._fetch(identity)
@@ -182,14 +204,15 @@ class CertificateManager:
                     f"{bundle.not_after.isoformat()}); clocks out of sync?"))
                 continue
             failures_before = state.failures
-            self._publish(identity, state, bundle)
-            if bundle.renew_at <= now:
+            self._publish(identity, state, bundle, now)
+            due = renewal_due(bundle, now)
+            if due <= now:
                 # Already past half-life on arrival: renewing "now" would spin
                 # against the CA, so count it as a failure and keep backing off.
                 state.failures = failures_before
                 self._record_failure(identity, state, ValueError(
                     f"fetched certificate is already past its half-life "
-                    f"{bundle.renew_at.isoformat()}"))
+                    f"{due.isoformat()}"))
 
     async def _sleep_unless_woken(self, delay: float, wake: asyncio.Event) -> None:
         # Always yield once, so even a zero delay and a fetch that completes
@@ -215,11 +238,13 @@ class CertificateManager:
                     "error": state.last_error, "holding_valid_certificate": still_valid,
                     "expires": held.not_after.isoformat() if held else None}})
 
-    def _publish(self, identity: Identity, state: _Tracked, bundle: CertBundle) -> None:
-        state.bundle, state.failures, state.last_error = bundle, 0, None
+    def _publish(self, identity: Identity, state: _Tracked, bundle: CertBundle,
+                 received: datetime) -> None:
+        state.bundle, state.received, state.failures, state.last_error = (
+            bundle, received, 0, None)
         log.info("certificate renewed", extra={"fields": {
             "identity": str(identity), "not_after": bundle.not_after.isoformat(),
-            "renew_at": bundle.renew_at.isoformat()}})
+            "renew_at": renewal_due(bundle, received).isoformat()}})
         # Wake every get() waiting, then arm a fresh event for the next update.
         state.updated.set()
         state.updated = asyncio.Event()
