@@ -1,6 +1,7 @@
 """`trellis lab …`: the local lab of network namespaces that runs the whole mesh.
 
-    trellis lab up [-f FILE] [--no-mesh]   build the lab (default: 2 nodes, 5 pods)
+    trellis lab up [-f FILE] [--no-mesh] [--cert-ttl 90s]
+                                           build the lab (default: 2 nodes, 5 pods)
     trellis lab status [--json]            what is up, with addresses
     trellis lab exec POD -- CMD…           run CMD inside a pod's network namespace
     trellis lab apply -f FILE              add or update objects live
@@ -46,6 +47,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     up.add_argument("--redirect", choices=("iptables", "ebpf"), default=None,
                     help="how agents capture pod traffic (default: the running lab's "
                          "mode, else iptables)")
+    up.add_argument("--cert-ttl", metavar="DURATION", default=None,
+                    help="lifetime of the workload certificates the lab's CA issues, e.g. "
+                         "90s or 10m (default: the running lab's, else 24h); proxies "
+                         "renew at half-life, so a short one shows rotation under load")
     up.set_defaults(func=_handler(_up, root=True))
 
     down = commands.add_parser("down", help="remove everything the lab made")
@@ -96,7 +101,7 @@ def _print(line: str) -> None:
 def _up(args: argparse.Namespace, labdir: LabDir) -> int:
     description = lifecycle.read_description(args.file)
     lifecycle.up(labdir, description, None if args.no_mesh else lifecycle.MESH, _print,
-                 redirect=args.redirect)
+                 redirect=args.redirect, cert_ttl=args.cert_ttl)
     return 0
 
 

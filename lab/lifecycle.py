@@ -32,6 +32,8 @@ from lab.processes import (
     agent_process,
     app_processes,
     ca_process,
+    cert_ttl_file,
+    choose_cert_ttl,
     proxy_name,
     proxy_process,
 )
@@ -105,13 +107,17 @@ def read_documents(path: str) -> list[dict[str, Any]]:
 
 
 def up(labdir: LabDir, description: Description, mesh: Mesh | None, out: Out,
-       redirect: str | None = None, prefix: str | None = None) -> None:
+       redirect: str | None = None, prefix: str | None = None,
+       cert_ttl: str | None = None) -> None:
     """Make the lab described (with the mesh unless ``mesh`` is None), or finish making it.
     ``redirect`` picks the mode (lab/redirect_mode.py); None keeps the lab's. ``prefix``
     names a new lab's namespaces (None: $TRELLIS_LAB_NETNS_PREFIX); a lab that is up
-    keeps its own."""
+    keeps its own. ``cert_ttl`` is the CA's workload certificate lifetime (``90s``);
+    None keeps the lab's (the CA's default, 24 h, for a new lab)."""
     with locked(labdir, create=True):
-        redirect_mode.choose_mode(labdir, redirect, load_record(labdir) is not None)
+        is_up = load_record(labdir) is not None
+        redirect_mode.choose_mode(labdir, redirect, is_up)
+        choose_cert_ttl(labdir, cert_ttl, is_up)
         record = _record_for(labdir, description, mesh is not None, prefix)
         save_record(labdir, record)
         spec = build_spec(record.documents, record.source)
@@ -147,6 +153,8 @@ def down(labdir: LabDir, out: Out) -> None:
         for name in namespaces:
             network.delete_namespace(name)
         cleaned = redirect_mode.remove(labdir, prefix)  # eBPF pins and pod cgroups
+        with contextlib.suppress(FileNotFoundError):
+            cert_ttl_file(labdir).unlink()
         files = _remove_files(labdir) + cleaned
     with contextlib.suppress(OSError):  # left in place if it holds files not ours
         labdir.root.rmdir()

@@ -7,6 +7,7 @@ in one place:
 
     trellis ca serve --state-dir DIR/ca --listen 198.18.0.1:15012
         --workloads DIR/workloads.yaml --node-tokens DIR/tokens/digests.json
+        [--cert-lifetime TTL]   (from `lab up --cert-ttl TTL`, kept in DIR/cert-ttl)
     trellis proxy run --node NODE --workloads DIR/workloads.yaml
         --ca-url https://198.18.0.1:15012 --ca-root DIR/ca/root-cert.pem
         --token-file DIR/tokens/NODE.token --control-socket DIR/sockets/NODE.sock
@@ -25,11 +26,14 @@ Each runs as ``ip netns exec <namespace> <python> -m …``.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from types import MappingProxyType
 
+from lab.errors import LabError
 from lab.plan import APP_PORT, CA_PORT, CONTROL_ADDRESS, LabPlan, NodePlan, PodPlan
 from lab.redirect_mode import agent_arguments
 from lab.state import LabDir
@@ -48,6 +52,12 @@ CA_SERVER_NAME = "trellis-ca"
 CA_NAME = "ca"
 AGENT_PREFIX = "agent-"
 PROXY_PREFIX = "proxy-"
+
+# Workload certificate lifetimes `lab up --cert-ttl` accepts: the CA's own range
+# (identity/ca_server.py: 1 minute to 90 days), in the CA's duration syntax.
+CERT_TTL_SECONDS = (60, 90 * 24 * 3600)
+_DURATION = re.compile(r"^([1-9][0-9]{0,7})([smh])$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600}
 
 APP_READY_SECONDS = 10.0
 CA_READY_SECONDS = 30.0
@@ -108,6 +118,7 @@ def app_process(plan: LabPlan, pod: PodPlan, python: str = sys.executable,
 
 
 def ca_process(plan: LabPlan, labdir: LabDir, python: str = sys.executable) -> ProcessSpec:
+    ttl = read_cert_ttl(labdir)
     return ProcessSpec(
         name=CA_NAME,
         label="ca",
@@ -116,7 +127,8 @@ def ca_process(plan: LabPlan, labdir: LabDir, python: str = sys.executable) -> P
               "--state-dir", str(labdir.ca),
               "--listen", f"{CONTROL_ADDRESS}:{CA_PORT}",
               "--workloads", str(labdir.workloads),
-              "--node-tokens", str(labdir.digests)),
+              "--node-tokens", str(labdir.digests),
+              *(("--cert-lifetime", ttl) if ttl else ())),
         ready=Probe(plan.control_netns, CONTROL_ADDRESS, CA_PORT, "/healthz",
                     cafile=str(labdir.ca_root), server_name=CA_SERVER_NAME),
         ready_seconds=CA_READY_SECONDS,
@@ -188,3 +200,46 @@ def app_processes(plan: LabPlan,
                   cgroups: Mapping[str, str] = MappingProxyType({})) -> tuple[ProcessSpec, ...]:
     return tuple(app_process(plan, pod, cgroup=cgroups.get(pod.key, "")) for pod in plan.pods)
 
+
+
+# The workload certificate lifetime is chosen at `lab up --cert-ttl` and kept in the
+# lab's directory, so a later `lab up` (say, after the CA crashed) restarts the CA
+# with the same lifetime.
+
+def cert_ttl_file(labdir: LabDir) -> Path:
+    return labdir.root / "cert-ttl"
+
+
+def check_cert_ttl(value: str) -> str:
+    """``value`` if it is a lifetime the CA accepts (``90s``, ``10m``, ``24h``), else a
+    LabError naming the option."""
+    match = _DURATION.match(value)
+    seconds = int(match[1]) * _UNIT_SECONDS[match[2]] if match else 0
+    low, high = CERT_TTL_SECONDS
+    if not low <= seconds <= high:
+        raise LabError(f"--cert-ttl: {value!r} must be a duration like 90s, 10m or 24h, "
+                       "from 1 minute to 90 days")
+    return value
+
+
+def read_cert_ttl(labdir: LabDir) -> str | None:
+    """The lab's chosen lifetime, or None for the CA's default (24 h)."""
+    try:
+        return check_cert_ttl(cert_ttl_file(labdir).read_text().strip())
+    except (FileNotFoundError, LabError):
+        return None
+
+
+def choose_cert_ttl(labdir: LabDir, requested: str | None, lab_is_up: bool) -> str | None:
+    """The lifetime for this ``lab up``: the one asked for, else the lab's own. A lab that
+    is up keeps its CA, so a different lifetime needs ``lab down`` first."""
+    current = read_cert_ttl(labdir)
+    if requested is None:
+        return current
+    check_cert_ttl(requested)
+    if lab_is_up and requested != current:
+        raise LabError(f"the lab is up with --cert-ttl {current or '24h (default)'}; run "
+                       f"`trellis lab down` before `trellis lab up --cert-ttl {requested}`")
+    labdir.root.mkdir(parents=True, exist_ok=True)
+    cert_ttl_file(labdir).write_text(requested + "\n")
+    return requested
