@@ -5,10 +5,14 @@
         --dest-namespace demo --dest-labels app=backend \\
         --dest-ip 10.0.2.7 --dest-port 8080 [--json]
 
-Documents with errors are reported on stderr and left out; the rest are
-still evaluated, and the exit status is 0 whenever a decision was made. A
-mistake in the command line itself is one ``trellis: error: ...`` line and
-exit status 2.
+Documents with errors are reported on stderr, each error naming the policy
+and the field. An invalid policy is decided as a node proxy that never saw a
+valid version of it decides: it fails closed for the workloads it selects (an
+ALLOW matches nothing, a DENY denies everything; ``policy/failclosed.py``),
+and the decision's reason is then ``invalid_policy``. The rest are evaluated
+as written, and the exit status is 0 whenever a decision was made. A mistake
+in the command line itself is one ``trellis: error: ...`` line and exit
+status 2.
 """
 
 from __future__ import annotations
@@ -22,9 +26,11 @@ from typing import Any
 from identity.spiffe import Identity, InvalidIdentity
 from policy.evaluate import evaluate
 from policy.facts import ConnectionFacts, Decision
+from policy.failclosed import InvalidPolicy
 from policy.index import PolicyIndex
 from policy.loader import DEFAULT_ROOT_NAMESPACE
 from policy.matchers import parse_address, parse_port
+from policy.model import Action
 from policy.sources import load_yaml
 
 _SUFFIXES = (".yaml", ".yml")
@@ -68,20 +74,36 @@ def run_check(args: argparse.Namespace) -> int:
         print(f"trellis: error: {exc}", file=sys.stderr)
         return 2
     loaded = load_yaml(sources, root_namespace=args.root_namespace)
-    for problem in loaded.errors:
+    invalid = [f"{p.key}: {_fallback(p)}" for p in loaded.invalid]
+    for problem in [*map(str, loaded.errors), *invalid]:
         print(f"trellis: error: {problem}", file=sys.stderr)
-    decision = evaluate(facts, PolicyIndex.build(loaded.policies))
+    decision = evaluate(facts, PolicyIndex.build(loaded.enforced()))
     warnings = [*notes, *(str(w) for w in loaded.warnings)]
     if args.json:
-        warnings += [f"error: {e}" for e in loaded.errors]
+        warnings += [f"error: {e}" for e in [*map(str, loaded.errors), *invalid]]
         print(json.dumps(_as_json(decision, warnings)))
     else:
         print(_as_text(decision, warnings))
     return 0
 
 
+def _fallback(invalid: InvalidPolicy) -> str:
+    stand_in = invalid.stand_in
+    if stand_in is None:
+        return ("invalid, and not enforced (its valid form would not be enforced by the node "
+                "proxy either)")
+    scope = "every namespace" if stand_in.mesh_wide else f"namespace {stand_in.namespace}"
+    selected = ("every workload" if stand_in.selector is None else "workloads with "
+                + ",".join(f"{k}={v}" for k, v in stand_in.selector))
+    effect = ("an ALLOW that matches nothing" if stand_in.action is Action.ALLOW
+              else "a DENY of every connection")
+    return (f"invalid, so it fails closed: {effect}, for {selected} in {scope} (a node "
+            f"proxy that saw a valid version keeps enforcing that one instead)")
+
+
 def _as_json(decision: Decision, warnings: list[str]) -> dict[str, object]:
-    return {"decision": "ALLOW" if decision.allowed else "DENY", "policy": decision.policy,
+    return {"decision": "ALLOW" if decision.allowed else "DENY",
+            "reason": str(decision.reason), "policy": decision.policy,
             "rule": decision.rule, "audit": list(decision.audit), "warnings": warnings}
 
 

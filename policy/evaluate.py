@@ -14,6 +14,12 @@ Policies are tried root namespace first, then the workload's own; within
 each, namespace-wide policies before selected ones, each in name order. That
 only decides which policy a decision names, never whether the connection is
 allowed.
+
+A policy that has never been valid is enforced by a fail-closed stand-in
+(``policy/failclosed.py``) that takes part in this order like any other: the
+stand-in of a DENY matches every connection, that of an ALLOW matches none.
+Only the decision's reason differs, ``invalid_policy``, so that a denial
+names the broken policy rather than a rule.
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ def evaluate(facts: ConnectionFacts, policies: PolicyIndex | Iterable[Policy]) -
     for policy in applicable:
         if policy.action is Action.DENY:
             rule = policy.first_match(peer)
+            if rule is not None and policy.fail_closed:
+                return Decision(False, policy.key, None, Reason.INVALID_POLICY, audit)
             if rule is not None:
                 return Decision(False, policy.key, rule, Reason.DENIED_BY_POLICY, audit)
         elif policy.action is Action.ALLOW:
@@ -52,6 +60,9 @@ def evaluate(facts: ConnectionFacts, policies: PolicyIndex | Iterable[Policy]) -
         rule = policy.first_match(peer)
         if rule is not None:
             return Decision(True, policy.key, rule, Reason.ALLOWED_BY_POLICY, audit)
+    invalid = next((p for p in allow if p.fail_closed), None)
+    if invalid is not None:
+        return Decision(False, invalid.key, None, Reason.INVALID_POLICY, audit)
     return Decision(False, None, None, Reason.NO_ALLOW_MATCH, audit)
 
 
@@ -59,5 +70,6 @@ def applicable_policies(policies: Iterable[Policy], namespace: str,
                         labels: Mapping[str, str]) -> tuple[Policy, ...]:
     """The policies that apply to a workload, in the order `PolicyIndex` gives."""
     found = (p for p in policies if p.applies_to(namespace, labels))
-    return tuple(sorted(found, key=lambda p: (not p.mesh_wide, p.selector is not None,
-                                              p.namespace, p.name)))
+    # By key, as the index files them: a mesh-wide stand-in for a policy whose
+    # namespace could not be read sits beside the root namespace's policies.
+    return tuple(sorted(found, key=lambda p: (not p.mesh_wide, p.selector is not None, p.key)))

@@ -31,6 +31,9 @@ class Reason(enum.StrEnum):
     NO_POLICY = "no_policy"  # no ALLOW policy applies to the workload: allowed
     ALLOWED_BY_POLICY = "allowed_by_policy"  # an ALLOW policy matched
     NO_ALLOW_MATCH = "no_allow_match"  # ALLOW policies apply, none matched
+    # A policy that was never valid applies: its DENY denied, or its ALLOW
+    # (which matches nothing) was among those that did not match.
+    INVALID_POLICY = "invalid_policy"
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,8 +4,11 @@ Accepted: ``kind: AuthorizationPolicy`` in ``security.istio.io/v1`` or
 ``v1beta1`` (so existing Istio YAML works unchanged) and in
 ``security.trellis.dev/v1``; a ``v1 List`` of them (``kubectl get -o yaml``).
 Other kinds are ignored. One bad document is reported (every problem, each
-naming the policy and field path) and left out; the others load. Nothing here
-raises for a bad document.
+naming the policy and field path) and does not stop the others; it is not
+enforced as written but replaced by a stand-in that fails closed, built from
+the parts of it that could be read (``policy/failclosed.py``; the node keeps
+a policy's last valid version instead when it has one). Nothing here raises
+for a bad document.
 
 Not enforced, with a warning, as the node proxy cannot or must not:
 ``action: CUSTOM`` (external authorization; istiod sends ztunnel nothing for
@@ -20,8 +23,9 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from policy.compile import compile_rules
-from policy.model import Action, Policy, Problem
-from policy.schema import Reader, child, describe, item
+from policy.failclosed import InvalidPolicy, stand_in
+from policy.model import Action, Policy, Problem, Rule
+from policy.schema import MAX_ENTRIES, Reader, TooLarge, child, describe, item
 
 DEFAULT_ROOT_NAMESPACE = "trellis-system"
 DEFAULT_NAMESPACE = "default"  # as kubectl applies a document without one
@@ -47,33 +51,48 @@ class Document:
 
 @dataclass(frozen=True, slots=True)
 class LoadResult:
+    """``policies`` are the valid ones the node proxy enforces; ``set_aside`` the
+    keys of valid ones it does not (CUSTOM, targetRef(s), dry-run); ``invalid``
+    every policy with errors, with its fail-closed stand-in."""
+
     policies: tuple[Policy, ...]
     errors: tuple[Problem, ...]
     warnings: tuple[Problem, ...]
+    invalid: tuple[InvalidPolicy, ...] = ()
+    set_aside: frozenset[str] = frozenset()
+
+    def enforced(self) -> tuple[Policy, ...]:
+        """What a node that has seen no earlier version of any policy enforces:
+        the valid policies and the stand-in of each invalid one."""
+        return (*self.policies, *(p.stand_in for p in self.invalid if p.stand_in is not None))
 
 
 def load_policies(documents: Iterable[Document], *,
                   root_namespace: str = DEFAULT_ROOT_NAMESPACE,
                   default_namespace: str = DEFAULT_NAMESPACE) -> LoadResult:
-    """Every valid policy; a later definition of the same namespace/name wins."""
-    policies: dict[str, Policy] = {}
+    """Every policy, valid or not; a later definition of the same namespace/name wins."""
+    outcomes: dict[str, Policy | InvalidPolicy | None] = {}
     origins: dict[str, str] = {}
     errors: list[Problem] = []
     warnings: list[Problem] = []
     for document in _expand(documents, errors):
-        reader, policy = _load_one(document, root_namespace, default_namespace)
+        reader, outcome = _load_one(document, root_namespace, default_namespace)
         errors.extend(reader.errors)
-        if reader.errors:
-            continue  # a rejected document's warnings would only add noise
-        warnings.extend(reader.warnings)
-        if policy is None:
+        if not reader.errors:
+            warnings.extend(reader.warnings)  # a rejected document's would only add noise
+        if outcome is None:
             continue
-        if policy.key in policies:
-            warnings.append(Problem(policy.key, "", f"defined again in {document.origin} "
-                                    f"(first in {origins[policy.key]}); the later one is used"))
-        policies[policy.key] = policy
-        origins[policy.key] = document.origin
-    return LoadResult(tuple(policies.values()), tuple(errors), tuple(warnings))
+        key, loaded = outcome
+        if key in outcomes:
+            warnings.append(Problem(key, "", f"defined again in {document.origin} "
+                                    f"(first in {origins[key]}); the later one is used"))
+        outcomes[key] = loaded
+        origins[key] = document.origin
+    return LoadResult(
+        policies=tuple(p for p in outcomes.values() if isinstance(p, Policy)),
+        errors=tuple(errors), warnings=tuple(warnings),
+        invalid=tuple(p for p in outcomes.values() if isinstance(p, InvalidPolicy)),
+        set_aside=frozenset(k for k, p in outcomes.items() if p is None))
 
 
 def _expand(documents: Iterable[Document], errors: list[Problem]) -> Iterator[Document]:
@@ -95,8 +114,46 @@ def _expand(documents: Iterable[Document], errors: list[Problem]) -> Iterator[Do
                                       f"(a mapping), got {describe(one.body)}"))
 
 
+@dataclass(slots=True)
+class _Parts:
+    """What has been read of one policy, each part read on whatever else is wrong.
+
+    Until a part is read it keeps its widest value, the one a stand-in fails
+    closed with: the whole mesh, an action that might be DENY, every workload.
+    """
+
+    namespace: str
+    name: str
+    mesh_wide: bool = True  # the root namespace's, or a namespace not read
+    action_name: str | None = None  # None: not read
+    selector: tuple[tuple[str, str], ...] | None = None  # None: the whole namespace
+    targeted: str | None = None  # "targetRef" or "targetRefs" when set
+    dry_run: bool = False
+    rules: tuple[Rule, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def action(self) -> Action | None:
+        return _action(self.action_name)
+
+
+def _action(name: str | None) -> Action | None:
+    """CUSTOM is checked like a DENY, then set aside; None when it could not be read."""
+    if name is None:
+        return None
+    return Action.DENY if name == "CUSTOM" else Action(name)
+
+
+Outcome = tuple[str, Policy | InvalidPolicy | None]
+
+
 def _load_one(document: Document, root_namespace: str,
-              default_namespace: str) -> tuple[Reader, Policy | None]:
+              default_namespace: str) -> tuple[Reader, Outcome | None]:
+    """None for another kind of object; else the key and the policy (None when it
+    is valid but not enforced by the node proxy) or, with errors, an InvalidPolicy."""
     body = document.body
     assert isinstance(body, Mapping)
     reader = Reader(document.origin)
@@ -104,68 +161,110 @@ def _load_one(document: Document, root_namespace: str,
     if kind != KIND or not isinstance(api_version, str):
         return reader, None  # another kind of object: not ours to read
     if api_version not in API_VERSIONS:
-        if api_version.partition("/")[0] in _API_GROUPS:
-            reader.error("apiVersion", f"{api_version!r} is not supported "
-                         f"(use one of {', '.join(sorted(API_VERSIONS))})")
-        return reader, None
-    metadata = reader.mapping(body.get("metadata"), "metadata", None) or {}
-    name = reader.string(metadata.get("name"), "metadata.name")
-    namespace = reader.string(metadata.get("namespace"), "metadata.namespace")
-    if name is None:
-        if "name" not in metadata:
-            reader.error("metadata.name", "required")
-        return reader, None
-    namespace = namespace or default_namespace
-    reader.policy = f"{namespace}/{name}"
+        if api_version.partition("/")[0] not in _API_GROUPS:
+            return reader, None
+        # Read on as if it were v1: its parts still say where it fails closed.
+        reader.error("apiVersion", f"{api_version!r} is not supported "
+                     f"(use one of {', '.join(sorted(API_VERSIONS))})")
+    parts = _Parts(default_namespace, f"(unnamed: {document.origin})")
+    try:
+        _read(reader, body, parts, root_namespace)
+    except TooLarge:
+        reader.error("", f"too large: more than {MAX_ENTRIES} list and mapping entries "
+                     "(counting each time a YAML alias repeats one)")
+    if reader.errors:
+        return reader, (parts.key, _invalid(reader, parts))
+    return reader, (parts.key, _valid(reader, parts))
+
+
+def _read(reader: Reader, body: Mapping[str, object], parts: _Parts,
+          root_namespace: str) -> None:
+    metadata = reader.mapping(body.get("metadata"), "metadata", None)
+    if metadata is not None:
+        _read_metadata(reader, metadata, parts, root_namespace)
     for key in body:
         if key not in _TOP_LEVEL:
             reader.error(str(key), "unknown top-level field")
     # Paths inside spec are relative to it: "rules[0].from[0]...", as users read them.
-    if body.get("spec") is not None and not isinstance(body.get("spec"), Mapping):
-        reader.error("spec", f"expected a mapping, got {describe(body.get('spec'))}")
-        return reader, None
-    spec = reader.mapping(body.get("spec"), "", _SPEC)
-    if spec is None:
-        return reader, None
-    return reader, _load_spec(reader, spec, metadata, namespace, name, root_namespace)
+    raw_spec = body.get("spec")
+    if raw_spec is not None and not isinstance(raw_spec, Mapping):
+        reader.error("spec", f"expected a mapping, got {describe(raw_spec)}")
+        return
+    _read_spec(reader, reader.mapping(raw_spec, "", _SPEC) or {}, parts)
 
 
-def _load_spec(reader: Reader, spec: Mapping[str, object], metadata: Mapping[str, object],
-               namespace: str, name: str, root_namespace: str) -> Policy | None:
-    action_name = reader.string(spec.get("action"), "action") or "ALLOW"
-    if action_name not in _ACTIONS:
+def _read_metadata(reader: Reader, metadata: Mapping[str, object], parts: _Parts,
+                   root_namespace: str) -> None:
+    name = reader.string(metadata.get("name"), "metadata.name")
+    if metadata.get("name") is None:
+        reader.error("metadata.name", "required")
+    raw_namespace = metadata.get("namespace")
+    namespace = reader.string(raw_namespace, "metadata.namespace")
+    if namespace is not None or raw_namespace is None:  # read, or absent: the default
+        parts.namespace = namespace or parts.namespace
+        parts.mesh_wide = parts.namespace == root_namespace
+    if name is not None:  # until then, messages name the document
+        parts.name = name
+        reader.policy = parts.key
+    parts.dry_run = _dry_run(reader, metadata)
+
+
+def _read_spec(reader: Reader, spec: Mapping[str, object], parts: _Parts) -> None:
+    raw_action = spec.get("action")
+    action_name = "ALLOW" if raw_action is None else reader.string(raw_action, "action")
+    if action_name is not None and action_name not in _ACTIONS:
         reader.error("action", f"{action_name!r} is not one of {', '.join(_ACTIONS)}")
-        return None
+        action_name = None
+    parts.action_name = action_name
     if spec.get("provider") is not None and action_name != "CUSTOM":
-        reader.error("provider", f"only allowed with action CUSTOM, not {action_name}")
+        reader.error("provider", f"only allowed with action CUSTOM, not {action_name or '?'}")
+    errors = len(reader.errors)
     selector = _selector(reader, spec.get("selector"))
-    targeted = next((k for k in ("targetRefs", "targetRef") if spec.get(k) is not None), None)
-    if targeted and spec.get("selector") is not None:
+    parts.selector = selector if len(reader.errors) == errors else None
+    parts.targeted = next((k for k in ("targetRefs", "targetRef") if spec.get(k) is not None),
+                          None)
+    if parts.targeted and spec.get("selector") is not None:
         reader.error("", "at most one of selector and targetRef(s) can be set")
-    # CUSTOM is checked like any other action, then reported and set aside.
-    action = Action.DENY if action_name == "CUSTOM" else Action(action_name)
-    rules = compile_rules(reader, spec.get("rules"), action, namespace)
-    if reader.errors:
-        return None
-    if action_name == "CUSTOM":
+    # An action that cannot be read is compiled as DENY, the way it fails closed.
+    parts.rules = compile_rules(reader, spec.get("rules"), parts.action or Action.DENY,
+                                parts.namespace)
+
+
+def _valid(reader: Reader, parts: _Parts) -> Policy | None:
+    """The policy, or None (with a warning) when the node proxy does not enforce it."""
+    if parts.action_name == "CUSTOM":
         reader.warnings.clear()
         reader.warn("action", "CUSTOM (external authorization) is not supported by Trellis; "
                     "this policy is not enforced")
         return None
-    if targeted:
+    if parts.targeted:
         reader.warnings.clear()
-        reader.warn(targeted, "applies to the waypoints or gateways it targets, not "
+        reader.warn(parts.targeted, "applies to the waypoints or gateways it targets, not "
                     "at L4 by the node proxy; this policy is not enforced here")
         return None
-    if _dry_run(reader, metadata):
+    if parts.dry_run:
         reader.warnings.clear()
         reader.warn("", f"{_DRY_RUN} policies are not supported; this policy is not enforced")
         return None
-    if action is Action.DENY and not spec.get("rules"):
+    action = parts.action
+    assert action is not None  # no errors, so the action was read
+    if action is Action.DENY and not parts.rules:
         reader.warn("rules", "a DENY policy without rules never matches "
                     "(use 'rules: [{}]' to deny everything)")
-    return Policy(namespace=namespace, name=name, action=action, rules=rules,
-                  selector=selector, mesh_wide=namespace == root_namespace)
+    return Policy(namespace=parts.namespace, name=parts.name, action=action, rules=parts.rules,
+                  selector=parts.selector, mesh_wide=parts.mesh_wide)
+
+
+def _invalid(reader: Reader, parts: _Parts) -> InvalidPolicy:
+    """Its stand-in fails closed, unless its valid form would not be enforced here
+    either (a CUSTOM, AUDIT, dry-run, or targeted policy without a selector)."""
+    errors = tuple(reader.errors)
+    if (parts.action_name in ("CUSTOM", "AUDIT") or parts.dry_run
+            or (parts.targeted is not None and parts.selector is None)):
+        return InvalidPolicy(parts.key, None, errors)
+    return InvalidPolicy(parts.key, stand_in(parts.namespace, parts.name, parts.action,
+                                             parts.selector, mesh_wide=parts.mesh_wide),
+                         errors)
 
 
 def _selector(reader: Reader, value: object) -> tuple[tuple[str, str], ...] | None:

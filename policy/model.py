@@ -153,7 +153,9 @@ class Policy:
     ``selector`` is None when the policy applies to its whole namespace;
     ``mesh_wide`` is set for a policy in the root namespace, which applies in
     every namespace (with its selector, to the matching workloads of every
-    namespace).
+    namespace). ``fail_closed`` marks the stand-in for a policy that has never
+    been valid (``policy/failclosed.py``): an ALLOW without rules, or a DENY
+    whose one rule matches everything; decisions it makes say so.
     """
 
     namespace: str
@@ -162,6 +164,7 @@ class Policy:
     rules: tuple[Rule, ...]
     selector: tuple[tuple[str, str], ...] | None = None
     mesh_wide: bool = False
+    fail_closed: bool = False
 
     @property
     def key(self) -> str:

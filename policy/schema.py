@@ -13,6 +13,16 @@ from collections.abc import Collection, Mapping
 
 from policy.model import Problem
 
+# What one document may make the loader read, counting repeats: YAML aliases
+# let a few KiB of text repeat a part millions of times (the agent reads policies
+# on its event loop). Real policies have tens or hundreds of entries; one past
+# this bound is an error, so it fails closed like any other invalid policy.
+MAX_ENTRIES = 50_000
+
+
+class TooLarge(Exception):
+    """One document made the reader visit more than MAX_ENTRIES list and mapping entries."""
+
 
 def child(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
@@ -46,6 +56,12 @@ class Reader:
         self.policy = policy
         self.errors: list[Problem] = []
         self.warnings: list[Problem] = []
+        self._entries = 0
+
+    def _visit(self, entries: int) -> None:
+        self._entries += entries
+        if self._entries > MAX_ENTRIES:
+            raise TooLarge
 
     def error(self, path: str, message: str) -> None:
         self.errors.append(Problem(self.policy, path, message))
@@ -64,6 +80,7 @@ class Reader:
         if not isinstance(value, Mapping):
             self.error(path, f"expected a mapping, got {describe(value)}")
             return None
+        self._visit(len(value))
         for key in value:
             if not isinstance(key, str):
                 self.error(path, f"field names are strings, got {describe(key)}")
@@ -78,6 +95,7 @@ class Reader:
         if not isinstance(value, list):
             self.error(path, f"expected a list, got {describe(value)}")
             return None
+        self._visit(len(value))
         return value
 
     def string(self, value: object, path: str) -> str | None:

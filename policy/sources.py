@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 
 import yaml  # type: ignore[import-untyped]  # no types-PyYAML in the venv
 
@@ -29,6 +30,10 @@ def parse_yaml(text: str, source: str) -> tuple[tuple[Document, ...], tuple[Prob
             documents.append(Document(body, f"{source} document {number}"))
     except yaml.YAMLError as exc:
         problems.append(Problem(source, "", f"invalid YAML: {_one_line(exc)}"))
+    except RecursionError:
+        # PyYAML composes nested collections recursively: a few thousand
+        # brackets exhaust the stack (found by tests/fuzz/fuzz_policy_loader.py).
+        problems.append(Problem(source, "", "invalid YAML: nested too deeply"))
     return tuple(documents), tuple(problems)
 
 
@@ -45,7 +50,7 @@ def load_yaml(sources: Iterable[tuple[str, str]] | str, *,
         problems.extend(errors)
     result = load_policies(documents, root_namespace=root_namespace,
                            default_namespace=default_namespace)
-    return LoadResult(result.policies, (*problems, *result.errors), result.warnings)
+    return replace(result, errors=(*problems, *result.errors))
 
 
 def _one_line(exc: yaml.YAMLError) -> str:

@@ -49,8 +49,9 @@ def test_json_output_is_exactly_the_documented_object(
     plaintext = [a for a in CONNECTION if a not in ("--source-principal", FRONTEND)]
     status, out, _ = check(capsys, "-f", str(policies), *plaintext, "--json")
     assert status == 0
-    assert json.loads(out) == {"decision": "DENY", "policy": f"{ROOT}/strict", "rule": 0,
-                               "audit": [], "warnings": []}
+    assert json.loads(out) == {"decision": "DENY", "reason": "denied_by_policy",
+                               "policy": f"{ROOT}/strict", "rule": 0, "audit": [],
+                               "warnings": []}
 
 
 def test_a_directory_reads_every_yaml_and_yml_file(tmp_path: Path,
@@ -63,8 +64,9 @@ def test_a_directory_reads_every_yaml_and_yml_file(tmp_path: Path,
     write(tmp_path / "c.yaml", audit)
     status, out, _ = check(capsys, "-f", str(tmp_path), *CONNECTION, "--json")
     assert status == 0
-    assert json.loads(out) == {"decision": "DENY", "policy": "demo/no-8080", "rule": 0,
-                               "audit": ["demo/x"], "warnings": []}
+    assert json.loads(out) == {"decision": "DENY", "reason": "denied_by_policy",
+                               "policy": "demo/no-8080", "rule": 0, "audit": ["demo/x"],
+                               "warnings": []}
 
 
 def test_bad_documents_are_reported_and_the_rest_still_decide(
@@ -77,16 +79,40 @@ def test_bad_documents_are_reported_and_the_rest_still_decide(
                              "-f", str(tmp_path / "good.yaml"), *CONNECTION, "--json")
     error = ("demo/allow-frontend: rules[0].from[0].source.ipBlocks[1]: "
              "'10.0.0.300/8' is not a CIDR")
+    fallback = ("demo/allow-frontend: invalid, so it fails closed: an ALLOW that matches "
+                "nothing, for every workload in namespace demo (a node proxy that saw a valid "
+                "version keeps enforcing that one instead)")
     warning = ("demo/allow-get: rules[0].to[0].operation.methods: not enforceable at L4 (HTTP "
                "attribute): rule 0 is dropped from this ALLOW policy (fails closed: more "
                "restrictive than written)")
     assert status == 0
-    assert err == f"trellis: error: {error}\n"
+    assert err == f"trellis: error: {error}\ntrellis: error: {fallback}\n"
     assert json.loads(out)["warnings"][:2] == [warning, (
         "demo/allow-get: rules: no rule is enforceable at L4, so this ALLOW policy matches "
         "nothing: its workloads are denied what no other ALLOW policy allows")]
-    assert json.loads(out)["warnings"][-1] == f"error: {error}"
-    assert json.loads(out)["decision"] == "DENY"  # allow-get applies and allows nothing
+    assert json.loads(out)["warnings"][-2:] == [f"error: {error}", f"error: {fallback}"]
+    assert json.loads(out)["decision"] == "DENY"
+
+
+def test_an_invalid_deny_gives_the_fail_closed_decision(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Finding 6's case: one bad CIDR next to a good one must not let the source in."""
+    bad = deny("deny-frontend", rule(frm=[src(ipBlocks=["10.0.1.5", "10.0.0.300/8"])]),
+               selector={"app": "backend"})
+    policies = str(write(tmp_path / "p.yaml", bad))
+    status, out, err = check(capsys, "-f", policies, *CONNECTION)
+    assert status == 0
+    assert err.splitlines() == [
+        "trellis: error: demo/deny-frontend: rules[0].from[0].source.ipBlocks[1]: "
+        "'10.0.0.300/8' is not a CIDR",
+        "trellis: error: demo/deny-frontend: invalid, so it fails closed: a DENY of every "
+        "connection, for workloads with app=backend in namespace demo (a node proxy that saw "
+        "a valid version keeps enforcing that one instead)"]
+    assert out.splitlines() == ["decision: DENY", "reason:   invalid_policy",
+                                "policy:   demo/deny-frontend", "rule:     -"]
+    # Positive control: the workloads it does not select are still decided as before.
+    other = [a.replace("app=backend", "app=web") for a in CONNECTION]
+    assert check(capsys, "-f", policies, *other)[1].splitlines()[0] == "decision: ALLOW"
 
 
 def test_text_output_lists_warnings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

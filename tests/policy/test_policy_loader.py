@@ -299,3 +299,13 @@ kind: [unclosed
     assert [str(e) for e in result.errors] == [
         "policies.yaml: invalid YAML: expected ',' or ']', but got '<stream end>' "
         "at line 14, column 1"]
+
+
+def test_yaml_nested_too_deeply_is_an_error_not_a_crash() -> None:
+    """Found by tests/fuzz/fuzz_policy_loader.py (corpus: deep_nesting.yaml): PyYAML
+    composes recursively, and 3,000 brackets raised RecursionError out of load_yaml."""
+    good = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n" \
+           "metadata: {name: allow-frontend, namespace: demo}\n"
+    result = load_yaml([("deep.yaml", good + "---\nrules: " + "[" * 3000)])
+    assert [p.key for p in result.policies] == [P]
+    assert [str(e) for e in result.errors] == ["deep.yaml: invalid YAML: nested too deeply"]
