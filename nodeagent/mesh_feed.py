@@ -37,6 +37,7 @@ class MeshFeed:
     certificates: CertificateTracker
     policies: PolicyLoader
     _tracked: frozenset[Identity] = frozenset()
+    _invalid: frozenset[tuple[str, str]] = frozenset()  # label sets of trellis_policy_invalid
     synced: bool = False
 
     def apply(self, snapshot: Snapshot) -> None:
@@ -46,6 +47,7 @@ class MeshFeed:
         if closed:
             _log.info("policy update closed live connections", extra={"fields": {
                 "closed": closed}})
+        self._count_invalid()
         # Fetch certificates only for identities that run here, before their pods
         # are enrolled, and stop renewing those that no longer do.
         wanted = frozenset(w.identity for w in enrolled_pods(snapshot.state, self.node))
@@ -55,3 +57,14 @@ class MeshFeed:
             self.certificates.untrack(identity)
         self._tracked = wanted
         self.synced = True
+
+    def _count_invalid(self) -> None:
+        """One gauge series per invalid policy; a fixed or deleted one's is removed."""
+        gauge = self.proxy.inputs.metrics.invalid_policies
+        current = frozenset((invalid.key, str(fallback))
+                            for invalid, fallback in self.policies.fallbacks)
+        for labels in self._invalid - current:
+            gauge.remove(*labels)
+        for labels in current - self._invalid:
+            gauge.labels(*labels).set(1)
+        self._invalid = current
