@@ -5,6 +5,12 @@ loses its namespace, veth, address and app; a Namespace or Service, and any
 other kind (an AuthorizationPolicy …), only changes workloads.yaml, which the
 node agents poll. Pods that did not change keep their address and their app.
 
+An AuthorizationPolicy with errors is refused whole, with the policy
+loader's errors (each naming the policy and the field), and nothing changes:
+what admission does on a cluster. (A node agent that is handed an invalid
+policy anyway keeps its last valid version or fails closed; see
+``policy/failclosed.py``.)
+
 The order matters to the agents: a new pod's namespace and app exist before
 workloads.yaml names it, and a deleted pod leaves workloads.yaml before its
 namespace goes, so an agent never enrolls a namespace that is not there yet.
@@ -22,10 +28,20 @@ from lab.plan import LabPlan, PodPlan, plan_lab
 from lab.processes import app_name, app_process
 from lab.spec import Key, LabSpec, build_spec, describe, merge, object_key, remove
 from lab.state import LabDir, LabRecord, load_record, locked, save_record
+from policy import Document, load_policies
+
+
+class PolicyRefused(LabError):
+    """An invalid AuthorizationPolicy in `lab apply`: the first error, then the rest."""
+
+    def __init__(self, message: str, details: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.details = details
 
 
 def apply(labdir: LabDir, path: str, out: Out) -> None:
     documents = _read(path)
+    _refuse_invalid_policies(documents, path)
     with locked(labdir):
         record = require_record(labdir)
         spec = build_spec(merge(record.documents, documents, path), path)
@@ -53,6 +69,14 @@ def delete(labdir: LabDir, path: str, out: Out) -> None:
             out(f"{describe(key)}: deleted")
     for key in missing:
         out(f"{describe(key)}: not found (nothing to delete)")
+
+
+def _refuse_invalid_policies(documents: Sequence[Mapping[str, Any]], path: str) -> None:
+    loaded = load_policies([Document(doc, f"{path} document {number}")
+                            for number, doc in enumerate(documents, start=1)])
+    if loaded.errors:
+        first, *rest = (str(problem) for problem in loaded.errors)
+        raise PolicyRefused(f"{path}: {first} (refused: nothing was applied)", tuple(rest))
 
 
 def require_record(labdir: LabDir) -> LabRecord:
