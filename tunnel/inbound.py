@@ -4,8 +4,9 @@ Phases, in order: work out who is calling and where to, authorize, connect to
 the app from a transparent socket bound to the caller's IP, and only then
 answer ``200`` and copy. Errors map to the wire here and nowhere else:
 400 a target other than this pod (a malformed one never gets here: the
-HBONE core refuses it), 401 denied by policy, 503 app unreachable; on plaintext there
-is no status to send, so the connection is closed.
+HBONE core refuses it) or one of the proxy's own ports, 401 denied by policy,
+503 app unreachable or a connection limit reached; on plaintext there is no
+status to send, so the connection is closed.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from tunnel.context import ProxyInputs
 from tunnel.hbone_io import InboundRequest
 from tunnel.metrics import MUTUAL_TLS, PLAINTEXT, connection_labels
 from tunnel.netns import original_dst
+from tunnel.refusals import Direction, Refusal, inbound_refusal, record_refusal
 from tunnel.relay import Endpoint, TcpEndpoint
 from tunnel.served import ServedPod
 from tunnel.session import Session, relay_session
@@ -43,6 +45,11 @@ async def handle_hbone(inputs: ProxyInputs, pod: ServedPod, request: InboundRequ
         inputs.metrics.connect_failures.labels("inbound", "bad_authority").inc()
         request.reject(BAD_REQUEST)
         return
+    if target[1] in inputs.config.own_ports:  # a loop through the proxy's own listener
+        record_refusal(inputs.metrics, Direction.INBOUND, Refusal.OWN_PORT, pod=me.key,
+                       src=request.peer_address, dst=target)
+        request.reject(BAD_REQUEST)
+        return
     # The tunnel's TCP peer is the calling pod itself: its node proxy dials from
     # inside that pod's namespace. A `forwarded` header is trusted only from a
     # waypoint, and Trellis has none yet, so it never changes the source here.
@@ -60,7 +67,8 @@ async def handle_hbone(inputs: ProxyInputs, pod: ServedPod, request: InboundRequ
         return
     try:
         app = await connect_from_pod(pod.netns, target, source_ip=source_ip,
-                                     timeout=inputs.config.connect_timeout_s)
+                                     timeout=inputs.config.connect_timeout_s,
+                                     write_high_water=inputs.config.relay_write_high_water_bytes)
     except (TimeoutError, OSError) as exc:
         _app_unreachable(inputs, pod, request.authority, exc)
         request.reject(UNAVAILABLE)
@@ -81,6 +89,14 @@ async def handle_plaintext(inputs: ProxyInputs, pod: ServedPod, client: TcpEndpo
             "pod": me.key, "src": f"{source[0]}:{source[1]}", "error": str(exc)}})
         client.abort()
         return
+    # Not redirected (a SYN to 15006 itself), or for another port of the proxy's, or
+    # not for this pod at all: never delivered.
+    refusal = inbound_refusal(target, me.ip, inputs.config.own_ports)
+    if refusal is not None:
+        record_refusal(inputs.metrics, Direction.INBOUND, refusal, pod=me.key, src=source,
+                       dst=target)
+        client.abort()
+        return
     decision = decide(inputs, me, source_principal=None, source_ip=source[0],
                       dest_port=target[1])
     if not decision.allowed:
@@ -90,7 +106,8 @@ async def handle_plaintext(inputs: ProxyInputs, pod: ServedPod, client: TcpEndpo
         return
     try:
         app = await connect_from_pod(pod.netns, target, source_ip=source[0],
-                                     timeout=inputs.config.connect_timeout_s)
+                                     timeout=inputs.config.connect_timeout_s,
+                                     write_high_water=inputs.config.relay_write_high_water_bytes)
     except (TimeoutError, OSError) as exc:
         _app_unreachable(inputs, pod, f"{target[0]}:{target[1]}", exc)
         client.abort()

@@ -19,6 +19,7 @@ from tunnel.hbone_io import HboneConnection, HboneStream, StreamRejected, Tunnel
 from tunnel.metrics import MUTUAL_TLS, PLAINTEXT, connection_labels
 from tunnel.netns import original_dst, socket_in
 from tunnel.pool import PoolKey
+from tunnel.refusals import Direction, outbound_refusal, record_refusal
 from tunnel.relay import Endpoint, TcpEndpoint
 from tunnel.served import ServedPod
 from tunnel.session import Session, relay_session
@@ -43,13 +44,24 @@ async def handle_outbound(inputs: ProxyInputs, pod: ServedPod, client: TcpEndpoi
     src_addr = client.peername or ("0.0.0.0", 0)
     try:
         dst_ip, dst_port = original_dst(accepted_socket(client))
+    except OSError as exc:
+        _failed(inputs, src.key, src_addr, "no_original_dst", exc)
+        client.abort()
+        return
+    # The pod's rules never send loopback or the pod's own IP here: such a target
+    # means 15001 was dialled directly, or a loop through the proxy.
+    refusal = outbound_refusal((dst_ip, dst_port), src.ip)
+    if refusal is not None:
+        record_refusal(inputs.metrics, Direction.OUTBOUND, refusal, pod=src.key, src=src_addr,
+                       dst=(dst_ip, dst_port))
+        client.abort()
+        return
+    try:
         service = inputs.state.current.service_by_vip(dst_ip)
         target, upstream, dst = await _connect(inputs, pod, service, dst_ip, dst_port)
     except (OSError, UpstreamFailed) as exc:
-        reason = exc.reason if isinstance(exc, UpstreamFailed) else "no_original_dst"
-        inputs.metrics.connect_failures.labels("outbound", reason).inc()
-        _log.warning("outbound connection failed", extra={"fields": {
-            "pod": src.key, "src": f"{src_addr[0]}:{src_addr[1]}", "error": str(exc)}})
+        reason = exc.reason if isinstance(exc, UpstreamFailed) else "connect_failed"
+        _failed(inputs, src.key, src_addr, reason, exc)
         client.abort()
         return
     hbone = isinstance(upstream, HboneStream)
@@ -64,6 +76,13 @@ async def handle_outbound(inputs: ProxyInputs, pod: ServedPod, client: TcpEndpoi
         src_identity=src.identity.uri,
         dst_identity=dst.identity.uri if hbone and dst else None,
         dst_service=service.hostname if service else None, started=started), client, upstream)
+
+
+def _failed(inputs: ProxyInputs, pod: str, src_addr: tuple[str, int], reason: str,
+            exc: BaseException) -> None:
+    inputs.metrics.connect_failures.labels("outbound", reason).inc()
+    _log.warning("outbound connection failed", extra={"fields": {
+        "pod": pod, "src": f"{src_addr[0]}:{src_addr[1]}", "error": str(exc)}})
 
 
 async def _connect(inputs: ProxyInputs, pod: ServedPod, service: Service | None,
@@ -99,8 +118,9 @@ async def _connect_one(inputs: ProxyInputs, pod: ServedPod, dst: Workload | None
     if dst is not None and dst.enrolled:
         return await _open_hbone(inputs, pod, dst, port)
     try:
-        return await connect_from_pod(pod.netns, (ip, port),
-                                      timeout=inputs.config.connect_timeout_s)
+        return await connect_from_pod(
+            pod.netns, (ip, port), timeout=inputs.config.connect_timeout_s,
+            write_high_water=inputs.config.relay_write_high_water_bytes)
     except (TimeoutError, OSError) as exc:
         raise UpstreamFailed("connect_failed", f"{ip}:{port}: {exc or 'timeout'}") from exc
 

@@ -1,7 +1,9 @@
 """The shared node proxy: one event loop serving every enrolled pod on the node.
 
 For each pod it binds three listeners *inside the pod's network namespace*
-(15001 outbound, 15006 inbound plaintext, 15008 inbound HBONE). The agent drives
+(15001 outbound, 15006 inbound plaintext, 15008 inbound HBONE). Every connection
+they accept is admitted against the per-pod and per-node limits first, and a
+relay idle for ``relay_idle_timeout_s`` is closed (tunnel/limits.py). The agent drives
 it through ``add_pod`` / ``remove_pod`` / ``update_state``; that small surface is
 the seam a later agent↔proxy process split keeps.
 """
@@ -25,9 +27,11 @@ from tunnel.config import (
 )
 from tunnel.context import ProxyInputs
 from tunnel.hbone_io import HboneListener, InboundRequest, serve_hbone
-from tunnel.inbound import handle_hbone, handle_plaintext
+from tunnel.inbound import UNAVAILABLE, handle_hbone, handle_plaintext
+from tunnel.limits import ConnectionLimits, IdleSweeper
 from tunnel.netns import NetnsHandle, listen_in
 from tunnel.outbound import handle_outbound
+from tunnel.refusals import Direction, record_refusal
 from tunnel.relay import TcpEndpoint
 from tunnel.served import ServedPod
 from tunnel.state import MeshState, Workload
@@ -50,6 +54,10 @@ class Proxy:
         self.inputs = inputs
         self._pods: dict[str, ServedPod] = {}
         self._servers: dict[str, list[_Listener]] = {}
+        self.limits = ConnectionLimits(inputs.config, inputs.metrics, self._pods.values)
+        self._idle = IdleSweeper(inputs.config.relay_idle_timeout_s, inputs.metrics,
+                                 self._pods.values)
+        self._sweeping: asyncio.Task[None] | None = None
 
     @property
     def pods(self) -> Mapping[str, ServedPod]:
@@ -92,6 +100,8 @@ class Proxy:
             raise
         self._pods[workload.uid] = pod
         self._servers[workload.uid] = servers
+        if self._sweeping is None:  # needs the running loop, which __init__ may not have
+            self._sweeping = tasks.spawn(self._idle.run(), name="idle relay sweeper")
         self.inputs.metrics.pods.set(len(self._pods))
         _log.info("serving pod", extra={"fields": {
             "pod": workload.key, "ip": workload.ip, "identity": workload.identity.uri}})
@@ -115,6 +125,9 @@ class Proxy:
         _log.info("stopped serving pod", extra={"fields": {"pod": pod.workload.key}})
 
     async def close(self) -> None:
+        if self._sweeping is not None:
+            self._sweeping.cancel()
+            self._sweeping = None
         for uid in list(self._pods):
             await self.remove_pod(uid)
         await self.inputs.pool.close_all()
@@ -127,14 +140,24 @@ class Proxy:
         try:
             outbound = self._bind(pod, OUTBOUND_PORT)
             servers.append(await loop.create_server(
-                self._tcp_factory(pod, handle_outbound, "outbound"), sock=outbound))
+                self._tcp_factory(pod, handle_outbound, Direction.OUTBOUND), sock=outbound))
             plaintext = self._bind(pod, INBOUND_PLAINTEXT_PORT)
             servers.append(await loop.create_server(
-                self._tcp_factory(pod, handle_plaintext, "inbound-plaintext"), sock=plaintext))
+                self._tcp_factory(pod, handle_plaintext, Direction.INBOUND), sock=plaintext))
             hbone = self._bind(pod, INBOUND_HBONE_PORT)
 
             async def on_request(request: InboundRequest) -> None:
-                await handle_hbone(self.inputs, pod, request)
+                refusal = self.limits.admit(pod)
+                if refusal is not None:
+                    record_refusal(self.inputs.metrics, Direction.INBOUND, refusal,
+                                   pod=workload.key, src=request.peer_address,
+                                   dst=request.address)
+                    request.reject(UNAVAILABLE)
+                    return
+                try:
+                    await handle_hbone(self.inputs, pod, request)
+                finally:
+                    self.limits.release(pod)
 
             servers.append(await serve_hbone(hbone, server_ctx, on_request,
                                              trust_domain=self.inputs.config.trust_domain))
@@ -155,11 +178,25 @@ class Proxy:
     def _tcp_factory(self, pod: ServedPod,
                      handler: Callable[[ProxyInputs, ServedPod, TcpEndpoint],
                                        Coroutine[Any, Any, None]],
-                     kind: str) -> Callable[[], TcpEndpoint]:
-        def on_connection(endpoint: TcpEndpoint) -> None:
-            tasks.spawn(handler(self.inputs, pod, endpoint), name=f"{kind} {pod.workload.key}")
+                     direction: Direction) -> Callable[[], TcpEndpoint]:
+        limits = self.limits
+        high_water = self.inputs.config.relay_write_high_water_bytes
+        name = f"{direction} {pod.workload.key}"
 
-        return lambda: TcpEndpoint(on_connection_made=on_connection)
+        def release(_: object) -> None:
+            limits.release(pod)
+
+        def on_connection(endpoint: TcpEndpoint) -> None:
+            refusal = limits.admit(pod)
+            if refusal is not None:
+                record_refusal(self.inputs.metrics, direction, refusal, pod=pod.workload.key,
+                               src=endpoint.peername)
+                endpoint.abort()
+                return
+            # The count drops when the handler ends, however it ends.
+            tasks.spawn(handler(self.inputs, pod, endpoint), name=name).add_done_callback(release)
+
+        return lambda: TcpEndpoint(on_connection_made=on_connection, write_high_water=high_water)
 
 
 def _same_pod(served: ServedPod, workload: Workload, netns: NetnsHandle) -> bool:

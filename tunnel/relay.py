@@ -17,6 +17,7 @@ directions have ended, or at once when either side fails or is reset.
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 import struct
 from collections.abc import Callable
@@ -251,14 +252,15 @@ class TcpEndpoint(asyncio.BufferedProtocol):
 
 
 async def connect_tcp(sock: socket.socket, address: tuple[str, int], *,
-                      timeout: float) -> TcpEndpoint:
+                      timeout: float, write_high_water: int = WRITE_HIGH_WATER) -> TcpEndpoint:
     """Connect the caller's unconnected, non-blocking `sock` (it may carry marks, a bound
     source or IP_TRANSPARENT) and wrap it. The socket is closed on failure."""
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(timeout):
             await loop.sock_connect(sock, address)
-            _, endpoint = await loop.create_connection(TcpEndpoint, sock=sock)
+            _, endpoint = await loop.create_connection(
+                functools.partial(TcpEndpoint, write_high_water=write_high_water), sock=sock)
     except BaseException:
         sock.close()  # create_connection is the last step: no transport owns it yet
         raise
@@ -274,12 +276,22 @@ class SpliceResult:
     error: str | None
 
 
-class SpliceHandle:
-    """A live splice: counters, `close(reason)` from outside, and `wait()` for the result."""
+WriteFullCallback = Callable[[Endpoint], None]
 
-    def __init__(self, a: Endpoint, b: Endpoint) -> None:
+
+class SpliceHandle:
+    """A live splice: counters, `close(reason)` from outside, and `wait()` for the result.
+
+    ``on_write_full(endpoint)``, if given, hears each time an endpoint's write buffer
+    reaches its high-water mark (the other side's reading is paused then): a count
+    of back-pressure, which is rare next to the bytes, so it costs the copy nothing.
+    """
+
+    def __init__(self, a: Endpoint, b: Endpoint,
+                 on_write_full: WriteFullCallback | None = None) -> None:
         self.a = a
         self.b = b
+        self._on_write_full = on_write_full
         self._a_sent_start = b.bytes_sent   # a → b is what b was asked to write
         self._b_sent_start = a.bytes_sent
         self._a_eof = False
@@ -303,9 +315,9 @@ class SpliceHandle:
         a, b = self.a, self.b
         a.on_data = b.write
         b.on_data = a.write
-        a.on_write_paused = b.pause_reading
+        a.on_write_paused = b.pause_reading if self._on_write_full is None else self._a_full
         a.on_write_resumed = b.resume_reading
-        b.on_write_paused = a.pause_reading
+        b.on_write_paused = a.pause_reading if self._on_write_full is None else self._b_full
         b.on_write_resumed = a.resume_reading
         a.on_eof = self._a_ended
         b.on_eof = self._b_ended
@@ -326,6 +338,16 @@ class SpliceHandle:
 
     async def wait(self) -> SpliceResult:
         return await asyncio.shield(self._done)
+
+    def _a_full(self) -> None:
+        assert self._on_write_full is not None  # wired only when given
+        self._on_write_full(self.a)
+        self.b.pause_reading()
+
+    def _b_full(self) -> None:
+        assert self._on_write_full is not None
+        self._on_write_full(self.b)
+        self.a.pause_reading()
 
     def _a_ended(self) -> None:
         self._a_eof = True
@@ -375,9 +397,10 @@ class SpliceHandle:
             self._done.set_result(self._result)
 
 
-def start_splice(a: Endpoint, b: Endpoint) -> SpliceHandle:
+def start_splice(a: Endpoint, b: Endpoint,
+                 on_write_full: WriteFullCallback | None = None) -> SpliceHandle:
     """Wire `a` and `b` together and start copying; keep the handle to close it later."""
-    handle = SpliceHandle(a, b)
+    handle = SpliceHandle(a, b, on_write_full)
     handle.start()
     return handle
 

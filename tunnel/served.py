@@ -26,6 +26,10 @@ class LiveConnection:
     dest_port: int
     handle: SpliceHandle | None = None
     started: float = field(default_factory=time.monotonic)
+    # For the idle timeout (tunnel/limits.py): bytes relayed when last looked at,
+    # and when that number last changed.
+    bytes_seen: int = 0
+    active_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass(eq=False)
@@ -33,3 +37,6 @@ class ServedPod:
     workload: Workload
     netns: NetnsHandle
     connections: set[LiveConnection] = field(default_factory=set)
+    # Connections admitted for this pod and not yet ended, relaying or still being
+    # set up (`limits.ConnectionLimits`).
+    active: int = 0

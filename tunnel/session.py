@@ -7,14 +7,19 @@ outside), counts it under Istio's metrics, copies, and logs one line at close.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
 from tunnel.accesslog import ConnectionRecord, log_connection
 from tunnel.context import ProxyInputs
+from tunnel.lograte import RateLimitedLog
 from tunnel.metrics import ConnectionLabels
-from tunnel.relay import Endpoint, start_splice
+from tunnel.relay import Endpoint, TcpEndpoint, WriteFullCallback, start_splice
 from tunnel.served import LiveConnection, ServedPod
+
+# Back-pressure is normal (a slow reader); a line a minute says the cap is in use.
+_write_full_log = RateLimitedLog(logging.getLogger("trellis.tunnel.relay"), interval_s=60.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +46,7 @@ async def relay_session(inputs: ProxyInputs, pod: ServedPod, session: Session,
     inputs.metrics.on_open(session.labels)
     pod.connections.add(live)
     try:
-        live.handle = start_splice(downstream, upstream)
+        live.handle = start_splice(downstream, upstream, _count_write_full(inputs))
         result = await live.handle.wait()
     finally:
         pod.connections.discard(live)
@@ -56,6 +61,21 @@ async def relay_session(inputs: ProxyInputs, pod: ServedPod, session: Session,
         bytes_from_dst=result.b_to_a,
         duration_ms=round((time.monotonic() - session.started) * 1000, 3),
         error=result.error))
+
+
+def _count_write_full(inputs: ProxyInputs) -> WriteFullCallback:
+    metrics = inputs.metrics
+    fields = {"relay_write_high_water_bytes": inputs.config.relay_write_high_water_bytes}
+
+    def on_write_full(endpoint: Endpoint) -> None:
+        # Only a TCP socket's buffer is capped by relay_write_high_water_bytes; an
+        # HBONE stream pauses on its flow-control windows (tunnel/hbone_io.py).
+        if isinstance(endpoint, TcpEndpoint):
+            metrics.write_pauses.inc()
+            _write_full_log.log(logging.INFO, "write_full", "relay write buffer at its cap; "
+                                "reading the other side paused", fields)
+
+    return on_write_full
 
 
 def _fmt(addr: tuple[str, int]) -> str:

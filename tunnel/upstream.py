@@ -11,11 +11,12 @@ import socket
 
 from tunnel.config import PROXY_MARK
 from tunnel.netns import NetnsHandle, socket_in
-from tunnel.relay import TcpEndpoint, connect_tcp
+from tunnel.relay import WRITE_HIGH_WATER, TcpEndpoint, connect_tcp
 
 
 async def connect_from_pod(netns: NetnsHandle, address: tuple[str, int], *, timeout: float,
-                           source_ip: str | None = None) -> TcpEndpoint:
+                           source_ip: str | None = None,
+                           write_high_water: int = WRITE_HIGH_WATER) -> TcpEndpoint:
     """Connect from ``netns``; with ``source_ip``, bind it transparently as the source.
 
     The socket carries the proxy mark, so the pod's rules neither redirect it nor
@@ -29,7 +30,8 @@ async def connect_from_pod(netns: NetnsHandle, address: tuple[str, int], *, time
         except OSError:
             sock.close()
             raise
-    return await connect_tcp(sock, address, timeout=timeout)
+    return await connect_tcp(sock, address, timeout=timeout,
+                             write_high_water=write_high_water)
 
 
 def accepted_socket(endpoint: TcpEndpoint) -> socket.socket:
