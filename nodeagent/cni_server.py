@@ -1,11 +1,13 @@
 """The agent's side of the CNI plugin: a unix socket that installs redirection on demand.
 
-The container runtime runs ``trellis-cni`` (nodeagent/cni/) while it creates a
-pod sandbox, before any container of the pod starts. The plugin sends ADD with
-the sandbox's namespace path, the pod's IP (from the interface plugin's result)
-and its identity (``K8S_POD_*`` from ``CNI_ARGS``), and waits. We apply the
-same rules the reconciler would (``Redirector.apply``, idempotent) and only then
-answer ``ok``, so the app's first packet is already captured.
+The container runtime runs ``trellis-cni`` (nodeagent/cni/plugin/, a static C
+forwarder) while it creates a pod sandbox, before any container of the pod
+starts. The plugin hands us the call as the runtime made it (``CNI_*`` and the
+configuration); we read it with ``spec.py``: the sandbox's namespace path, the
+pod's IP (from the interface plugin's result) and its identity (``K8S_POD_*``
+from ``CNI_ARGS``). For ADD we apply the same rules the reconciler would
+(``Redirector.apply``, idempotent) and only then answer, so the app's first
+packet is already captured. What the plugin prints comes from here too.
 
 The listeners on 15001/15006/15008 come later, when the workload source reports
 the pod and the reconciler enrolls it (its apply is then a no-op). Until then
@@ -16,7 +18,9 @@ Whether a pod is redirected at all is decided from the agent's latest snapshot
 (``decide``): the pod itself if the source already has it (its own label can opt
 it out), else its namespace's label. Before the first snapshot, or for a
 namespace the source has not seen yet, the answer is "retry", which the plugin
-turns into CNI's "try again later".
+turns into CNI's "try again later". For the time no agent runs, the server keeps
+``<socket>.fallback`` up to date: per namespace, whether the plugin may let a
+new pod through without us (nodeagent/cni/fallback.py).
 """
 
 from __future__ import annotations
@@ -30,20 +34,25 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+from nodeagent.cni import fallback, spec
 from nodeagent.cni.protocol import (
     FrameReader,
+    PluginCall,
+    PluginReply,
     PodRequest,
     PodResponse,
     ProtocolError,
-    encode,
-    parse_request,
+    encode_reply,
+    parse_call,
 )
 from nodeagent.iptables import render_jumps
 from nodeagent.redirect import PodNetwork, Redirector
+from tunnel import tasks
 from tunnel.state import AMBIENT, DATAPLANE_LABEL, MeshState
 
 _log = logging.getLogger("trellis.nodeagent.cni")
 READ_TIMEOUT_S = 5.0
+FALLBACK_INTERVAL_S = 0.5  # how soon a new snapshot reaches <socket>.fallback
 
 
 class Decision(enum.Enum):
@@ -94,41 +103,96 @@ class CniServer:
         self._check = check or (check_redirect if redirector.name == "iptables"
                                 else _no_check)
         self._server: asyncio.AbstractServer | None = None
+        self.fallback_path = fallback.fallback_path(path)
+        self._publisher: asyncio.Task[None] | None = None
+        # The previous agent's verdicts, for the time before our first snapshot.
+        self._inherited: dict[str, fallback.Fallback] = {}
 
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()  # a socket left by a previous agent
+        self._inherited = fallback.read(self.fallback_path)
         self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
         # Only root (the runtime) may ask us to rewrite a namespace's rules.
         os.chmod(self.path, 0o600)
+        self._publisher = tasks.spawn(self._publish_fallback(), name="cni fallback verdicts")
         _log.info("cni socket listening", extra={"fields": {"path": str(self.path)}})
 
     def close(self) -> None:
+        """Stop serving. The fallback file stays: it is what the plugin reads while
+        no agent runs (an uninstall removes it with the plugin)."""
+        if self._publisher is not None:
+            self._publisher.cancel()
+            self._publisher = None
         if self._server is not None:
             self._server.close()
             self._server = None
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
+    async def _publish_fallback(self) -> None:
+        written: str | None = None
+        seen: MeshState | None = None
+        while True:
+            state = self._state()
+            if state is not None and state is not seen:
+                seen = state
+                text = fallback.render(fallback.verdicts(state))
+                if text != written:
+                    try:
+                        fallback.write(self.fallback_path, text)
+                        written = text
+                    except OSError as exc:
+                        seen = None  # try again next time
+                        _log.warning("cannot write the plugin's fallback verdicts", extra={
+                            "fields": {"path": str(self.fallback_path), "error": str(exc)}})
+            await asyncio.sleep(FALLBACK_INTERVAL_S)
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            request = await asyncio.wait_for(_read_request(reader), READ_TIMEOUT_S)
-            response = await self.handle(request)
+            call = await asyncio.wait_for(_read_call(reader), READ_TIMEOUT_S)
+            output = await self.answer(call)
         except (ProtocolError, TimeoutError, ConnectionError) as exc:
             _log.warning("bad cni request", extra={"fields": {"error": str(exc)}})
-            response = PodResponse(ok=False, error=f"bad request: {exc}")
+            output = spec.error_output(spec.CniError(spec.IO_FAILURE, "bad request to the "
+                                                     "trellis node agent", str(exc)))
+        body = (output.stdout + "\n").encode() if output.stdout else b""
         try:
-            writer.write(encode(response))
+            writer.write(encode_reply(PluginReply(output.exit_code, body)))
             await writer.drain()
         except ConnectionError:
             pass  # the plugin gave up (timeout); the runtime will retry
         finally:
             writer.close()
 
+    async def answer(self, call: PluginCall) -> spec.Output:
+        """One CNI call, start to end: what the plugin prints and exits with."""
+        version = "1.0.0"
+        try:
+            invocation = spec.parse_invocation(call.env, call.stdin)
+            version = invocation.cni_version
+            if invocation.command == "VERSION":
+                return spec.version_output(version)
+            if spec.passes_without_agent(invocation) is not None:
+                return spec.success_output(invocation)  # the plugin does this itself too
+            request = _request(invocation)
+            reply = await self.handle(request)
+            if not reply.ok:
+                code = spec.TRY_AGAIN_LATER if reply.retry else spec.IO_FAILURE
+                raise spec.CniError(code, f"{invocation.command} {request.key}: {reply.error}",
+                                    invocation.container_id)
+            return spec.success_output(invocation)
+        except spec.CniError as exc:
+            return spec.error_output(exc, version)
+
     async def handle(self, request: PodRequest) -> PodResponse:
-        verdict, why = decide(self._state(), request) if request.op != "del" else (
+        state = self._state()
+        verdict, why = decide(state, request) if request.op != "del" else (
             Decision.REDIRECT, "delete")
+        if (verdict is Decision.RETRY and state is None
+                and self._inherited.get(request.pod_namespace) is fallback.Fallback.PASS):
+            verdict, why = Decision.SKIP, "no snapshot yet; the last agent passed this namespace"
         fields = {"op": request.op, "pod": request.key, "netns": request.netns,
                   "ip": request.pod_ip, "decision": verdict.value, "why": why}
         if verdict is Decision.RETRY:
@@ -164,11 +228,19 @@ def _network(request: PodRequest) -> PodNetwork:
                       netns_path=request.netns, ip=request.pod_ip)
 
 
-async def _read_request(reader: asyncio.StreamReader) -> PodRequest:
+def _request(invocation: spec.Invocation) -> PodRequest:
+    ip = spec.pod_ip(invocation) if invocation.command != "DEL" else ""
+    return PodRequest(op=invocation.command.lower(), container_id=invocation.container_id,
+                      netns=invocation.netns, pod_ip=ip,
+                      pod_namespace=invocation.pod_namespace, pod_name=invocation.pod_name,
+                      pod_uid=invocation.pod_uid)
+
+
+async def _read_call(reader: asyncio.StreamReader) -> PluginCall:
     frames = FrameReader()
     while (frame := frames.next_frame()) is None:
         data = await reader.read(65536)
         if not data:
             raise ConnectionError("connection closed before a whole request arrived")
         frames.feed(data)
-    return parse_request(frame)
+    return parse_call(frame)

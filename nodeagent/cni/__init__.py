@@ -1,7 +1,10 @@
-"""The chained CNI plugin ``trellis-cni`` and its wire protocol to the node agent.
+"""The chained CNI plugin ``trellis-cni``: its installer and the agent's side of it.
 
-Everything here uses only the standard library and starts in milliseconds: the
-container runtime execs the plugin once per pod sandbox, on the host, where
-neither our virtualenv nor its dependencies exist (deploy/ installs it as a
-zipapp run by the host's python3).
+The plugin that runs on the host is a small static C program
+(``plugin/trellis_cni.c``, built by ``make setup`` into ``build/cni/`` and by the
+image into ``/opt/trellis/``): the host needs no interpreter. It forwards each
+call to the node agent, which reads it with ``spec.py`` and answers
+(``nodeagent/cni_server.py``); ``protocol.py`` is the wire between the two,
+``fallback.py`` what the plugin does while no agent runs, ``install.py`` keeps
+it chained into the node's CNI configuration.
 """

@@ -13,7 +13,8 @@ What the spec asks of a chained plugin, and where it is handled:
 - Errors: a JSON object ``{"cniVersion", "code", "msg", "details"}`` on stdout
   and a non-zero exit. Codes 1-99 are the spec's; we use them where they fit.
 
-Nothing here touches a socket or the environment itself: ``main.py`` does.
+Nothing here touches a socket or the environment itself: the agent's CNI server
+(``nodeagent/cni_server.py``) runs it on the call the C plugin forwarded.
 """
 
 from __future__ import annotations
@@ -65,6 +66,10 @@ class PluginConfig:
 
     agent_socket: str = DEFAULT_SOCKET
     timeout_s: float = DEFAULT_TIMEOUT_S
+    # Pods here are never ours: the plugin lets them through without asking the
+    # agent (kube-system, and Trellis's own namespace, whose agent pod must never
+    # wait for an agent). The installer writes the list (chart: cni.excludeNamespaces).
+    exclude_namespaces: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +136,12 @@ def _plugin_config(config: Mapping[str, Any]) -> PluginConfig:
     timeout = config.get("timeoutSeconds", DEFAULT_TIMEOUT_S)
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
         raise CniError(INVALID_CONFIG, f"timeoutSeconds: {timeout!r} is not a positive number")
-    return PluginConfig(agent_socket=socket_path, timeout_s=float(timeout))
+    excluded = config.get("excludeNamespaces", [])
+    if not isinstance(excluded, list) or not all(isinstance(n, str) for n in excluded):
+        raise CniError(INVALID_CONFIG, f"excludeNamespaces: {excluded!r} is not a list of "
+                                       "namespace names")
+    return PluginConfig(agent_socket=socket_path, timeout_s=float(timeout),
+                        exclude_namespaces=frozenset(excluded))
 
 
 def _env(env: Mapping[str, str], name: str) -> str:
@@ -172,6 +182,16 @@ def parse_invocation(env: Mapping[str, str], stdin: bytes) -> Invocation:
                                        "after the interface plugin")
     return Invocation(command, version, container_id, netns, ifname, args,
                       _plugin_config(config), prev, config)
+
+
+def passes_without_agent(invocation: Invocation) -> str | None:
+    """Why this call is let through without the agent's view (the C plugin makes the
+    same check before it dials the agent), or ``None`` if the agent must decide."""
+    if not invocation.pod_namespace:
+        return "not a Kubernetes pod (no K8S_POD_NAMESPACE in CNI_ARGS)"
+    if invocation.pod_namespace in invocation.plugin.exclude_namespaces:
+        return f"namespace {invocation.pod_namespace!r} is excluded (excludeNamespaces)"
+    return None
 
 
 def pod_ip(invocation: Invocation) -> str:

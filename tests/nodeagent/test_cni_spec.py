@@ -10,12 +10,14 @@ from nodeagent.cni import spec
 from nodeagent.cni.protocol import (
     MAX_FRAME,
     FrameReader,
+    PluginCall,
+    PluginReply,
     PodRequest,
-    PodResponse,
     ProtocolError,
-    encode,
-    parse_request,
-    parse_response,
+    encode_call,
+    encode_reply,
+    parse_call,
+    parse_reply,
 )
 from nodeagent.cni_server import Decision, decide
 from tunnel.state import AMBIENT, DATAPLANE_LABEL, MeshState, Workload
@@ -121,38 +123,55 @@ def test_error_output_is_the_specs_error_object_and_a_failing_exit() -> None:
 # -- plugin <-> agent frames ---------------------------------------------------------------
 
 def test_frames_survive_being_fed_a_byte_at_a_time() -> None:
-    request = PodRequest("add", "c0ffee", "/run/netns/x", "10.0.0.1", "demo", "web-1", "u-1")
+    call = PluginCall({**ENV, "CNI_ARGS": "K8S_POD_NAMESPACE=demo;X=a=b"}, _config())
+    reply = PluginReply(11, b'{"code": 11}\n')
     reader = FrameReader()
-    data = encode(request) + encode(PodResponse(ok=True))
     frames = []
-    for byte in data:
+    for byte in encode_call(call) + encode_reply(reply):
         reader.feed(bytes([byte]))
         if (frame := reader.next_frame()) is not None:
             frames.append(frame)
-    assert parse_request(frames[0]) == request
-    assert parse_response(frames[1]) == PodResponse(ok=True)
+    assert parse_call(frames[0]) == call
+    assert parse_reply(frames[1]) == reply
 
 
-@pytest.mark.parametrize(("frame", "problem"), [
-    ((MAX_FRAME + 1).to_bytes(4, "big"), "exceeds"),
-    (b"\x00\x00\x00\x03abc", "not JSON"),
-    (b"\x00\x00\x00\x02[]", "not a JSON object"),
-])
-def test_bad_frames_are_protocol_errors(frame: bytes, problem: str) -> None:
+def test_a_call_forwards_only_the_cni_variables() -> None:
+    call = PluginCall({**ENV, "LD_PRELOAD": "/evil.so"}, b"{}")
+    assert "LD_PRELOAD" not in parse_call(encode_call(call)[4:]).env
+
+
+def test_a_frame_over_the_limit_is_refused() -> None:
     reader = FrameReader()
-    reader.feed(frame)
-    with pytest.raises(ProtocolError, match=problem):
+    reader.feed((MAX_FRAME + 1).to_bytes(4, "big"))
+    with pytest.raises(ProtocolError, match="exceeds"):
         reader.next_frame()
+    with pytest.raises(ProtocolError, match="exceeds"):
+        encode_call(PluginCall({}, b"x" * MAX_FRAME))
 
 
-@pytest.mark.parametrize(("message", "problem"), [
-    ({"op": "destroy", "container_id": "c"}, "op"),
-    ({"op": "add", "container_id": ""}, "container_id"),
-    ({"op": "add", "container_id": "c", "netns": 7}, "netns"),
+@pytest.mark.parametrize(("body", "problem"), [
+    (b"trellis-cni/1\x00\x00{}", "trellis-cni/2"),
+    (b"trellis-cni/2\x00CNI_COMMAND=ADD", "not terminated"),
+    (b"trellis-cni/2\x00HOME=/root\x00\x00{}", "HOME"),
+    (b"trellis-cni/2\x00CNI_COMMAND\x00\x00{}", "CNI_COMMAND"),
+    (b"trellis-cni/2\x00CNI_COMMAND=ADD\x00CNI_COMMAND=DEL\x00\x00{}", "twice"),
+    (b"trellis-cni/2\x00CNI_ARGS=\xff\x00\x00{}", "UTF-8"),
 ])
-def test_bad_requests_name_the_field(message: dict, problem: str) -> None:  # type: ignore[type-arg]
+def test_bad_calls_name_what_is_wrong(body: bytes, problem: str) -> None:
     with pytest.raises(ProtocolError, match=problem):
-        parse_request(message)
+        parse_call(body)
+
+
+def test_excluded_namespaces_and_non_pods_pass_without_the_agent() -> None:
+    config = _config(excludeNamespaces=["kube-system", "trellis-system"])
+    for ns, passes in (("trellis-system", True), ("kube-system", True), ("demo", False)):
+        env = {**ENV, "CNI_ARGS": f"K8S_POD_NAMESPACE={ns};K8S_POD_NAME=p"}
+        assert (spec.passes_without_agent(spec.parse_invocation(env, config))
+                is not None) is passes
+    no_pod = spec.parse_invocation({**ENV, "CNI_ARGS": ""}, config)
+    assert "not a Kubernetes pod" in (spec.passes_without_agent(no_pod) or "")
+    err = _error(spec.parse_invocation, ENV, _config(excludeNamespaces="kube-system"))
+    assert "excludeNamespaces" in err.msg
 
 
 # -- enrollment decision -------------------------------------------------------------------
