@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import signal
 import sys
 from datetime import timedelta
 from pathlib import Path
 
-from tunnel.config import ConfigError
+from tunnel.config import ConfigError, ProxyConfig
 
 _log = logging.getLogger("trellis.cli")
 
@@ -103,6 +104,26 @@ def _node_arguments(parser: argparse.ArgumentParser, *, ca_required: bool) -> No
     parser.add_argument("--root-namespace", default="trellis-system",
                         help="policies in this namespace apply mesh-wide")
     parser.add_argument("--log-level", default="info")
+    _limit_arguments(parser)
+
+
+# The proxy's limits (issue 10), one flag per ProxyConfig setting of the same name.
+LIMIT_SETTINGS: tuple[tuple[str, type, str], ...] = (
+    ("max_connections_per_node", int, "connections the proxy handles at once (accepted "
+     "on 15001/15006, or CONNECT streams on 15008); beyond, refused and counted"),
+    ("max_connections_per_pod", int, "the same, per pod"),
+    ("relay_idle_timeout_s", float, "close a relayed connection that moved no byte "
+     "either way for this many seconds; 0: never"),
+    ("relay_write_high_water_bytes", int, "per relayed socket: buffer at most about this "
+     "much for a slow reader before reading the other side pauses"),
+)
+
+
+def _limit_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = {f.name: f.default for f in dataclasses.fields(ProxyConfig)}
+    for name, kind, what in LIMIT_SETTINGS:
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=defaults[name],
+                            help=f"{what} (default %(default)s)")
 
 
 def _kubernetes_arguments(parser: argparse.ArgumentParser) -> None:
@@ -143,15 +164,17 @@ def _proxy_run(args: argparse.Namespace) -> int:
 
 def _run_node_process(args: argparse.Namespace, main, **settings) -> int:  # type: ignore[no-untyped-def]
     from nodeagent.config import AgentConfig, parse_hostport
-    from tunnel.config import ProxyConfig
 
     try:
+        metrics = parse_hostport(args.metrics, "--metrics")
+        readiness = parse_hostport(args.readiness, "--readiness")
+        limits = {name: getattr(args, name) for name, _, _ in LIMIT_SETTINGS}
         config = AgentConfig(
-            proxy=ProxyConfig(node=args.node, trust_domain=args.trust_domain),
+            proxy=ProxyConfig(node=args.node, trust_domain=args.trust_domain,
+                              admin_ports=(metrics[1], readiness[1]), **limits),
             workloads_file=args.workloads, ca_url=args.ca_url, ca_root=args.ca_root,
             token_file=args.token_file, control_socket=args.control_socket,
-            metrics_address=parse_hostport(args.metrics, "--metrics"),
-            readiness_address=parse_hostport(args.readiness, "--readiness"),
+            metrics_address=metrics, readiness_address=readiness,
             root_namespace=args.root_namespace, drain_s=args.drain_seconds,
             source=args.source, kubeconfig=args.kubeconfig,
             k8s_backoff_max_s=args.k8s_backoff_max, **settings)

@@ -112,7 +112,9 @@ class AgentConfig:
         return self.bpf_root or f"/sys/fs/bpf/trellis/{self.node}"
 
     def as_log_fields(self) -> dict[str, object]:
+        """Every setting, logged once at start (the proxy's under ``proxy``)."""
         return {
+            "proxy": self.proxy.as_dict(),
             "node": self.node, "source": self.source,
             "workloads_file": str(self.workloads_file or ""),
             "kubeconfig": str(self.kubeconfig or ""),

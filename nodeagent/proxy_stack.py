@@ -27,6 +27,7 @@ from tunnel.balancer import RoundRobin
 from tunnel.config import ConfigError
 from tunnel.context import ProxyInputs, StateView
 from tunnel.identities import TlsIdentities
+from tunnel.limits import fds_needed, raise_fd_limit
 from tunnel.metrics import ProxyMetrics
 from tunnel.pool import HboneConnectionPool
 from tunnel.proxy import Proxy
@@ -58,6 +59,7 @@ class ProxyStack:
 
     @classmethod
     def build(cls, config: AgentConfig) -> ProxyStack:
+        _fit_fd_limit(config)
         certificates = _certificate_manager(config)
         tls = TlsIdentities(certificates, fetch_timeout=config.cert_fetch_timeout_s)
         certificates.subscribe(tls.on_renewed)
@@ -81,12 +83,23 @@ class ProxyStack:
         await self.certificates.stop()
 
 
+def _fit_fd_limit(config: AgentConfig) -> None:
+    """Give the proxy the fds its node connection limit needs, before any is opened."""
+    needed = fds_needed(config.proxy)
+    before, after = raise_fd_limit(needed)
+    if after != before:
+        _log.info("raised RLIMIT_NOFILE for max_connections_per_node", extra={"fields": {
+            "needed": needed, "soft_before": before[0], "hard_before": before[1],
+            "soft": after[0], "hard": after[1]}})
+    # If it is still short, the proxy lowers its node limit to fit and says so.
+
+
 async def open_source(config: AgentConfig) -> WorkloadSource:
     try:
         return await workload_source(
             config.source, node=config.node, trust_domain=config.proxy.trust_domain,
             workloads_file=config.workloads_file, kubeconfig=config.kubeconfig,
-            backoff_max_s=config.k8s_backoff_max_s)
+            backoff_max_s=config.k8s_backoff_max_s, enroll_only=not config.runs_proxy)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
