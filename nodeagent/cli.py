@@ -80,6 +80,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=_ca_serve)
 
+    from nodeagent.cni import cli as cni_cli  # `trellis cni install`
+
+    cni_cli.register(subparsers)
+
 
 def _node_arguments(parser: argparse.ArgumentParser, *, ca_required: bool) -> None:
     parser.add_argument("--node", required=True,

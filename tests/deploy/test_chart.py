@@ -95,7 +95,7 @@ def test_default_render_validates(tmp_path: Path) -> None:
     _validate(rendered, tmp_path)
     docs = _docs(rendered)
     pod = _pod(docs)
-    assert [c["name"] for c in pod["spec"]["containers"]] == ["proxy", "agent"]
+    assert [c["name"] for c in pod["spec"]["containers"]] == ["proxy", "agent", "install-cni"]
     proxy, agent = _containers(pod)["proxy"], _containers(pod)["agent"]
     for container in (proxy, agent):
         security = container["securityContext"]
@@ -148,8 +148,8 @@ def test_the_control_socket_is_shared_through_a_pod_volume() -> None:
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
     # An emptyDir lives as long as the pod: a restarted agent finds the proxy's socket.
     assert "emptyDir" in volumes["control"]
-    for container in _containers(pod).values():
-        assert _mounts(container)["control"]["mountPath"] == "/var/run/trellis"
+    for name in ("proxy", "agent"):
+        assert _mounts(_containers(pod)[name])["control"]["mountPath"] == "/var/run/trellis"
 
 
 def test_each_container_mounts_only_what_it_uses() -> None:
@@ -163,12 +163,39 @@ def test_each_container_mounts_only_what_it_uses() -> None:
     assert {"ca-root", "ca-token"} <= proxy.keys()
     assert not {"ca-root", "ca-token"} & agent.keys()
     # The plugin on the host dials the host path; the agent serves it through its mount.
-    install = pod["spec"]["initContainers"][0]
-    assert "--agent-socket=/var/run/trellis/cni.sock" in install["command"]
+    install = containers["install-cni"]
+    assert "--agent-socket=/var/run/trellis/cni.sock" in install["args"]
     assert volumes["cni-socket"]["hostPath"]["path"] == "/var/run/trellis"
     assert agent["cni-socket"]["mountPath"] == "/host/cni/socket"
+    # Only the installer writes the host's CNI directories.
+    assert {"cni-bin", "cni-conf"} <= _mounts(install).keys()
+    assert not {"cni-bin", "cni-conf"} & (agent.keys() | proxy.keys())
     # eBPF's host paths only in eBPF mode.
     assert not {"bpffs", "cgroup"} & (agent.keys() | volumes.keys())
+
+
+def test_the_cni_installer_keeps_watching_and_knows_its_daemonset() -> None:
+    docs = _docs(_template("--set", "cni.excludeNamespaces={kube-system,monitoring}"))
+    pod = _pod(docs)
+    assert "initContainers" not in pod["spec"]  # it runs as long as the node pod
+    install = _containers(pod)["install-cni"]
+    args = _parsed(install)
+    assert (args.command, args.cni_command) == ("cni", "install")
+    assert not args.once and not args.remove
+    # The agent's own namespace first: its pod never waits for an agent.
+    assert args.exclude_namespace == ["trellis-system", "kube-system", "monitoring"]
+    assert args.owner_daemonset == "trellis-system/trellis-agent"
+    assert args.ready_file == Path("/tmp/ready")
+    assert install["readinessProbe"]["exec"]["command"] == ["test", "-e", "/tmp/ready"]
+    assert args.fallback_file == Path("/host/cni/socket/cni.sock.fallback")
+    assert install["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    agent_env = {e["name"]: e.get("value") for e in _containers(pod)["agent"]["env"]}
+    assert agent_env["TRELLIS_OWNER_DAEMONSET"] == "trellis-system/trellis-agent"
+    role = docs["Role", "trellis-agent"]["rules"]
+    assert role == [{"apiGroups": ["apps"], "resources": ["daemonsets"],
+                     "resourceNames": ["trellis-agent"], "verbs": ["get"]}]
+    binding = docs["RoleBinding", "trellis-agent"]
+    assert binding["subjects"][0]["name"] == pod["spec"]["serviceAccountName"]
 
 
 def test_rbac_reads_only_and_the_ca_alone_reviews_tokens() -> None:
@@ -203,7 +230,7 @@ def test_non_default_values_render_and_validate(tmp_path: Path) -> None:
     assert proxy.trust_domain == agent.trust_domain == "example.org"
     assert agent.redirect == "ebpf"
     assert agent.cni_socket is None
-    assert "initContainers" not in pod["spec"]
+    assert "install-cni" not in containers and "initContainers" not in pod["spec"]
     assert (proxy.metrics, proxy.readiness) == ("0.0.0.0:9090", "0.0.0.0:9091")
     assert (agent.metrics, agent.readiness) == ("0.0.0.0:9092", "0.0.0.0:9093")
     assert pod["metadata"]["annotations"]["prometheus.io/port"] == "9090"
