@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from nodeagent.admin import AdminServer
 from nodeagent.agent import Reconciler
+from nodeagent.cni.lifecycle import stop_redirection
 from nodeagent.cni_server import CniServer
 from nodeagent.config import AgentConfig
 from nodeagent.proxy_link import LocalProxy, PodProxy, RemoteProxy
@@ -97,6 +98,6 @@ async def run_agent(config: AgentConfig) -> None:
     admin.close()
     # Fail closed: the rules stay, so while no proxy runs an enrolled pod's
     # connections are refused rather than sent in plaintext. A restarted agent
-    # re-applies them idempotently and the proxy binds the listeners again.
-    _log.info("node agent stopping, keeping pod redirection")
-    await reconciler.shutdown(remove_rules=False)
+    # re-applies them idempotently and the proxy binds the listeners again. Only
+    # an uninstall (the chart's DaemonSet is gone) removes them.
+    await stop_redirection(reconciler, config.kubeconfig)
