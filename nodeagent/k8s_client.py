@@ -64,7 +64,10 @@ async def _json_body(response: aiohttp.ClientResponse, what: str) -> dict[str, A
     try:
         data = json.loads(await response.read())
     except ValueError as exc:
-        raise WatchFailed(f"{what}: HTTP {response.status}, body is not JSON") from exc
+        # Still carries the status: an older API server answers a path no CRD
+        # defines with a plain-text "404 page not found".
+        raise WatchFailed(f"{what}: HTTP {response.status}, body is not JSON",
+                          response.status) from exc
     finally:
         response.release()
     if not isinstance(data, dict):
@@ -85,11 +88,12 @@ async def post_json(api: client.ApiClient, path: str, body: Mapping[str, Any]) -
     return await _json_body(await _request(api, "POST", path, body=dict(body)), f"POST {path}")
 
 
-async def open_watch(api: client.ApiClient, path: str, version: str,
-                     timeout_s: int) -> aiohttp.ClientResponse:
-    """Start a watch after ``version``; the caller reads and releases the stream."""
-    query = [("watch", "1"), ("resourceVersion", version), ("allowWatchBookmarks", "true"),
-             ("timeoutSeconds", str(timeout_s))]
+async def open_watch(api: client.ApiClient, path: str, version: str, timeout_s: int,
+                     selection: list[tuple[str, str]] | None = None) -> aiohttp.ClientResponse:
+    """Start a watch after ``version``; the caller reads and releases the stream.
+    ``selection``: the same selector parameters as the list that gave ``version``."""
+    query = [*(selection or []), ("watch", "1"), ("resourceVersion", version),
+             ("allowWatchBookmarks", "true"), ("timeoutSeconds", str(timeout_s))]
     # No total timeout (a watch is long). The API server sends a bookmark about
     # once a minute, so a read timeout past that ends a connection that died
     # silently (a vanished API server, a dropped NAT entry).

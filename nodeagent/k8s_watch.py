@@ -13,6 +13,12 @@ The protocol, as the API server speaks it:
 - When RV is older than the server's history, the watch answers ``410 Gone``, either
   as the HTTP status or as an ``ERROR`` event whose object is a ``Status`` with
   ``code: 410``. The only way on is a fresh list.
+- A list may come in pages (``limit``; ``metadata.continue`` names the next page,
+  all pages are one read as of the first page's RV; an expired token is 410).
+- ``fieldSelector`` narrows a list and its watch alike; an object that stops
+  matching arrives on the watch as ``DELETED``.
+- A collection whose API group nothing defines (a CRD not installed) answers
+  ``404`` with a ``NotFound`` Status (older servers: a plain-text 404).
 """
 
 from __future__ import annotations
@@ -42,15 +48,30 @@ class WatchFailed(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Resource:
-    """One collection the source list/watches, cluster-wide."""
+    """One collection the source list/watches, cluster-wide unless ``field_selector``
+    narrows it (e.g. ``spec.nodeName=node-1``)."""
 
     kind: str
     api_version: str
     path: str  # the cluster-wide collection, e.g. /api/v1/pods
+    # Defined by a CustomResourceDefinition, so a cluster may lack it: a 404 then
+    # means "no such objects", not a failure.
+    crd: bool = False
+    field_selector: str = ""
 
     @property
     def namespaced(self) -> bool:
         return self.kind != "Namespace"
+
+    @property
+    def label(self) -> str:
+        """The collection as logs and task names show it."""
+        return f"{self.path}?fieldSelector={self.field_selector}" if self.field_selector \
+            else self.path
+
+    def query(self) -> list[tuple[str, str]]:
+        """Query parameters every list and watch of this resource carries."""
+        return [("fieldSelector", self.field_selector)] if self.field_selector else []
 
 
 class LineDecoder:
@@ -121,6 +142,11 @@ class ObjectStore:
         return {**trim(obj, self.resource.kind), "kind": self.resource.kind,
                 "apiVersion": self.resource.api_version}
 
+    def clear(self) -> None:
+        """The collection is not served (its CRD is gone): no objects, list again."""
+        self.objects = {}
+        self.version = ""
+
     def replace(self, listed: Mapping[str, Any]) -> None:
         items = listed.get("items")
         if not isinstance(items, list):
@@ -148,10 +174,13 @@ class ObjectStore:
 # What nodeagent.objects reads, and nothing else: a cluster's pods carry
 # managedFields, container specs and statuses that would multiply the agent's memory.
 _KEEP = {
-    "metadata": ("name", "namespace", "uid", "labels", "annotations", "resourceVersion"),
+    # Creation and deletion times and the phase decide which pod owns a reused IP
+    # and whether a finished pod still counts (nodeagent/pod_status.py).
+    "metadata": ("name", "namespace", "uid", "labels", "annotations", "resourceVersion",
+                 "creationTimestamp", "deletionTimestamp"),
     "spec": ("nodeName", "serviceAccountName", "hostNetwork", "clusterIP", "ports",
              "selector"),
-    "status": ("podIP",),
+    "status": ("podIP", "phase"),
 }
 # An EndpointSlice's payload is top-level; of each endpoint only addresses and
 # readiness are read (not targetRef, zone, hints).

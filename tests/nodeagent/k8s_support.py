@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from fake_apiserver import FakeApiServer
+from fake_apiserver import CHART_CRDS, ISTIO_POLICIES, TRELLIS_POLICIES, FakeApiServer
 from kubernetes_asyncio import client
 
 from nodeagent.k8s_client import api_client, load_configuration
@@ -18,8 +18,9 @@ PODS = "/api/v1/pods"
 NAMESPACES = "/api/v1/namespaces"
 SERVICES = "/api/v1/services"
 ENDPOINT_SLICES = "/apis/discovery.k8s.io/v1/endpointslices"
-ISTIO_POLICIES = "/apis/security.istio.io/v1/authorizationpolicies"
-TRELLIS_POLICIES = "/apis/security.trellis.dev/v1/authorizationpolicies"
+# A cluster that has Istio's CRDs as well as the chart's.
+WITH_ISTIO = CHART_CRDS | {ISTIO_POLICIES}
+__all__ = ["ISTIO_POLICIES", "TRELLIS_POLICIES", "WITH_ISTIO"]  # re-exported for the tests
 SNAPSHOT_WAIT_S = 10.0  # a generous bound for "a snapshot arrives"; never a speed claim
 
 
@@ -115,6 +116,11 @@ def source(factory: Callable[[], client.ApiClient], **options: Any) -> Kubernete
     options.setdefault("backoff_initial_s", 0.05)
     options.setdefault("backoff_max_s", 0.5)
     return KubernetesSource(factory, node="node-1", **options)
+
+
+def watched(src: KubernetesSource) -> int:
+    """How many watches the source keeps open: one per resource the server serves."""
+    return sum(not r.absent for r in src.reflectors)
 
 
 def names(snapshot: Snapshot) -> set[str]:

@@ -19,6 +19,7 @@ from k8s_support import (
     ISTIO_POLICIES,
     NAMESPACES,
     PODS,
+    WITH_ISTIO,
     Follower,
     api_factory,
     enrolled,
@@ -27,6 +28,7 @@ from k8s_support import (
     pod,
     policy,
     source,
+    watched,
     write_kubeconfig,
 )
 
@@ -39,7 +41,7 @@ OUTAGE_S = float(os.environ.get("TRELLIS_TEST_APISERVER_OUTAGE_S", "30"))
 
 def test_api_server_outage_then_catch_up(tmp_path: Path) -> None:
     async def main() -> None:
-        server = FakeApiServer()
+        server = FakeApiServer(crds=WITH_ISTIO)
         await server.start()
         await server.apply(NAMESPACES, namespace("demo"))
         await server.apply(PODS, pod("web-1", "10.1.0.11"))
@@ -49,7 +51,7 @@ def test_api_server_outage_then_catch_up(tmp_path: Path) -> None:
         task = tasks.spawn(follower.run(), name="follow test source")
         try:
             await follower.until(lambda s: enrolled(s) == {"web-1"})
-            await server.watching(len(src.reflectors))
+            await server.watching(watched(src))
             await server.stop()
             seen_before = len(follower.seen)
             # While it is away the cluster changes (through another API server
