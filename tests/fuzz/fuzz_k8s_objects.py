@@ -1,0 +1,19 @@
+"""Fuzz the workload file reader (nodeagent/objects.py, nodeagent/object_fields.py).
+
+Input: the bytes of a workload file (``--source file``, ``trellis lab apply``):
+multi-document YAML of Kubernetes objects, as kubectl prints them. A file that
+is not YAML raises ``SourceError`` naming the file; a bad object inside is
+reported in ``Snapshot.errors`` and never raises.
+"""
+
+from __future__ import annotations
+
+from nodeagent.objects import SourceError, parse_yaml
+
+ALLOWED: tuple[type[BaseException], ...] = (SourceError,)
+MAX_LEN = 16 * 1024
+
+
+def one_input(data: bytes) -> None:
+    snapshot = parse_yaml(data, source="workloads.yaml")
+    assert all(isinstance(error, str) for error in snapshot.errors)
