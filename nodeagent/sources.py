@@ -12,15 +12,20 @@ SOURCES = ("file", "kubernetes")
 
 async def workload_source(kind: str, *, node: str, trust_domain: str,
                           workloads_file: Path | None, kubeconfig: Path | None,
-                          backoff_max_s: float = 10.0) -> WorkloadSource:
+                          backoff_max_s: float = 10.0,
+                          enroll_only: bool = False) -> WorkloadSource:
+    """``enroll_only``: for an agent that runs no proxy, which needs only its node's
+    pods and the namespaces (on Kubernetes, two narrow watches instead of six
+    cluster-wide ones)."""
     if kind == "kubernetes":
         # Imported here: the file source must not need the Kubernetes client.
         from nodeagent.k8s_client import api_client, load_configuration
-        from nodeagent.source_k8s import KubernetesSource
+        from nodeagent.source_k8s import RESOURCES, KubernetesSource, agent_resources
 
         configuration = await load_configuration(kubeconfig)
         return KubernetesSource(lambda: api_client(configuration), node=node,
-                                trust_domain=trust_domain, backoff_max_s=backoff_max_s)
+                                trust_domain=trust_domain, backoff_max_s=backoff_max_s,
+                                resources=agent_resources(node) if enroll_only else RESOURCES)
     from nodeagent.source_file import FileSource
 
     if workloads_file is None:

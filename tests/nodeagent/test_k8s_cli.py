@@ -7,6 +7,7 @@ import asyncio
 import socket
 import sys
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 from fake_apiserver import FakeApiServer
@@ -115,6 +116,35 @@ def test_agent_run_from_kubernetes_becomes_ready_after_the_first_list(tmp_path: 
                     assert process.returncode is None
                     await asyncio.sleep(0.1)
             assert any(r.startswith("GET /api/v1/pods?watch=1") for r in api.requests)
+        finally:
+            await stop(process)
+            await api.stop()
+
+    asyncio.run(main())
+
+
+def test_split_agent_watches_only_its_nodes_pods(tmp_path: Path) -> None:
+    # As the chart runs it: with --control-socket the agent only enrolls, so it
+    # asks the API server for its node's pods and the namespaces, nothing else.
+    metrics_port, ready_port = free_port(), free_port()
+
+    async def main() -> None:
+        api, kubeconfig = await cluster(tmp_path)
+        process = await asyncio.create_subprocess_exec(
+            *TRELLIS, "agent", "run", "--node", "node-9", "--source", "kubernetes",
+            "--kubeconfig", str(kubeconfig), "--control-socket", str(tmp_path / "no-proxy"),
+            "--metrics", f"127.0.0.1:{metrics_port}", "--readiness", f"127.0.0.1:{ready_port}",
+            stderr=asyncio.subprocess.DEVNULL)
+        try:
+            async with asyncio.timeout(START_WAIT_S):
+                while len({r.split("?")[0] for r in api.requests if "watch=1" in r}) < 2:
+                    assert process.returncode is None
+                    await asyncio.sleep(0.1)
+            paths = {unquote(r) for r in api.requests}
+            assert {p.split("?")[0] for p in paths} == {"GET /api/v1/namespaces",
+                                                         "GET /api/v1/pods"}
+            pods = [p for p in paths if p.startswith("GET /api/v1/pods")]
+            assert all("fieldSelector=spec.nodeName=node-9" in p for p in pods)
         finally:
             await stop(process)
             await api.stop()
