@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -233,3 +236,39 @@ async def _stop_with(tmp_path: Path, apiserver: ApiServer, state: str,
     if uninstalls:
         assert json.loads(conflist.read_text()) == FLANNEL
     assert not s.ready_file.exists()  # type: ignore[union-attr]
+
+
+@pytest.mark.inprocess
+def test_the_command_runs_until_sigterm_and_remove_undoes_it(tmp_path: Path) -> None:
+    """`trellis cni install` as the chart runs it (no owner: an upgrade-style stop)."""
+    conf, bins, binary = _dirs(tmp_path)
+    conflist = conf / "10-flannel.conflist"
+    conflist.write_text(json.dumps(FLANNEL))
+    ready = tmp_path / "ready"
+    trellis = Path(sys.executable).with_name("trellis")
+    common = ["--bin-dir", str(bins), "--conf-dir", str(conf)]
+    process = subprocess.Popen(
+        [str(trellis), "cni", "install", *common, "--binary", str(binary), "--ready-file",
+         str(ready), "--exclude-namespace", "kube-system", "--interval", "0.05"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        asyncio.run(_until(ready.exists, "ready", bound_s=30))
+        chained = json.loads(conflist.read_text())["plugins"][-1]
+        assert chained["excludeNamespaces"] == ["kube-system"]
+        process.send_signal(signal.SIGTERM)
+        _out, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, err
+    assert "stays chained" in err and not ready.exists()
+    assert _chained_any(conflist) and (bins / "trellis-cni").exists()
+    done = subprocess.run([str(trellis), "cni", "install", "--remove", *common],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(conflist.read_text()) == FLANNEL and not (bins / "trellis-cni").exists()
+
+
+def _chained_any(path: Path) -> bool:
+    return any(p.get("type") == "trellis-cni" for p in json.loads(path.read_text())["plugins"])
