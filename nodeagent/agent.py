@@ -25,6 +25,7 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from nodeagent.enroll import diff, enrolled_pods
 from nodeagent.objects import Snapshot
@@ -40,6 +41,14 @@ _log = logging.getLogger("trellis.nodeagent")
 NetnsResolver = Callable[[Iterable[Workload]], Mapping[str, str]]
 
 
+class HostRules(Protocol):
+    """The node's SNAT of kubelet probes to enrolled pods (nodeagent.host_probe)."""
+
+    def sync(self, pod_ips: Iterable[str]) -> bool: ...
+
+    def remove(self) -> None: ...
+
+
 @dataclass
 class _Served:
     workload: Workload
@@ -52,6 +61,8 @@ class Reconciler:
     proxy: PodProxy
     redirector: Redirector
     netns_resolver: NetnsResolver | None = None
+    host_rules: HostRules | None = None
+    _host_error: str = ""
     _served: dict[str, _Served] = field(default_factory=dict)
     _desired: dict[str, Workload] = field(default_factory=dict)
     _failures: dict[str, str] = field(default_factory=dict)
@@ -98,6 +109,7 @@ class Reconciler:
             # replay.
             for workload in self._stale():
                 await self._unenroll(workload.uid)
+            await self._sync_host_rules()
             if not linked:
                 return
             retell = [self._served[uid].workload for uid in self._untold if uid in self._served]
@@ -134,6 +146,24 @@ class Reconciler:
             return
         self._untold.discard(workload.uid)
         self._failures.pop(workload.uid, None)
+
+    async def _sync_host_rules(self) -> None:
+        """Probes are SNATed for every pod that has, or is about to get, its in-pod
+        rules: those served and those desired (the CNI hook redirects a new pod
+        before the reconciler serves it, and its probes start at once)."""
+        if self.host_rules is None:
+            return
+        pods = [*self._desired.values(), *(s.workload for s in self._served.values())]
+        ips = frozenset(w.ip for w in pods if w.ip)
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.host_rules.sync, ips)
+        except (OSError, ValueError) as exc:
+            if self._host_error != str(exc):
+                _log.error("host probe rules not set; kubelet probes reach the proxy",
+                           extra={"fields": {"error": str(exc)}})
+            self._host_error = str(exc)
+            return
+        self._host_error = ""
 
     async def _end_replay(self) -> None:
         try:
@@ -178,6 +208,13 @@ class Reconciler:
             for uid in list(self._served):
                 if remove_rules:
                     await self._unenroll(uid)
+            if remove_rules and self.host_rules is not None:
+                try:
+                    await asyncio.get_running_loop().run_in_executor(None,
+                                                                     self.host_rules.remove)
+                except OSError as exc:
+                    _log.warning("removing host probe rules failed", extra={"fields": {
+                        "error": str(exc)}})
             await self.proxy.close()
 
     async def _enroll(self, workload: Workload) -> None:

@@ -44,6 +44,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     run.add_argument("--drain-seconds", type=float, default=0.0,
                      help="running the proxy itself: on SIGTERM, wait up to this long "
                           "for live connections to end")
+    run.add_argument("--host-netns", default="/proc/self/ns/net",
+                     help="the node's network namespace, where kubelet probes to enrolled "
+                          "pods are SNATed to 169.254.7.127 (default: the agent's own; "
+                          "'' for none)")
     run.set_defaults(func=_agent_run)
 
     proxy = subparsers.add_parser("proxy", help="the node proxy (ztunnel's part)")
@@ -157,7 +161,7 @@ def _agent_run(args: argparse.Namespace) -> int:
 
     return _run_node_process(args, run_agent, role="agent", redirect=args.redirect,
                              bpf_root=args.bpf_root, redirect_fallback=args.redirect_fallback,
-                             cni_socket=args.cni_socket)
+                             cni_socket=args.cni_socket, host_netns=args.host_netns)
 
 
 def _proxy_run(args: argparse.Namespace) -> int:

@@ -55,6 +55,10 @@ class AgentConfig:
     kubeconfig: Path | None = None  # None: in-cluster config, else the default kubeconfig
     # Cap of the exponential backoff while the API server is unreachable.
     k8s_backoff_max_s: float = 10.0
+    # The node's network namespace, where kubelet probes to enrolled pods are SNATed
+    # (nodeagent/host_probe.py): the agent's own by default (lab, VM); the chart's
+    # agent, in a pod of its own, names the host's (/proc/1/ns/net). "": not at all.
+    host_netns: str = "/proc/self/ns/net"
 
     def __post_init__(self) -> None:
         if self.role not in ("agent", "proxy"):
@@ -84,6 +88,8 @@ class AgentConfig:
             raise ConfigError(f"bpf_root: {self.bpf_root!r} is not under /sys/fs/bpf/")
         if self.drain_s < 0:
             raise ConfigError(f"drain_s: {self.drain_s} is negative")
+        if self.host_netns and not self.host_netns.startswith("/"):
+            raise ConfigError(f"host_netns: {self.host_netns!r} is not an absolute path")
         if self.cni_socket is not None and not self.cni_socket.is_absolute():
             raise ConfigError(f"cni_socket: {str(self.cni_socket)!r} is not an absolute path")
 
@@ -125,4 +131,5 @@ class AgentConfig:
             "cni_socket": str(self.cni_socket) if self.cni_socket else "",
             "drain_s": self.drain_s, "role": self.role,
             "control_socket": str(self.control_socket or ""),
+            "host_netns": self.host_netns,
         }

@@ -55,6 +55,8 @@ OUTPUT = "TRELLIS_OUTPUT"
 TABLES = ("mangle", "nat")
 _JUMPS = (("PREROUTING", PRERT), ("OUTPUT", OUTPUT))
 _NETLINK_ROUTE = 0
+# The proxy's listeners inside a pod: never a probe's destination.
+_PROXY_PORTS = f"{OUTBOUND_PORT},{INBOUND_PLAINTEXT_PORT},{INBOUND_HBONE_PORT}"
 
 
 def _rules(pod_ip: str) -> dict[str, tuple[str, ...]]:
@@ -78,12 +80,20 @@ def _rules(pod_ip: str) -> dict[str, tuple[str, ...]]:
             f" --nfmask {MARK_MASK:#x} --ctmask {MARK_MASK:#x}",
         ),
         "nat": (
-            f"-A {PRERT} -s {PROBE_SOURCE}/32 -p tcp -j ACCEPT",
+            # A kubelet probe, SNATed on the host to PROBE_SOURCE (nodeagent/host_probe.py),
+            # reaches the app directly, as in Istio, and only that: to the pod's own IP
+            # and never to a port of the proxy's (which would take the probe, or a
+            # spoofed source, around the redirect and onto a listener directly). nat
+            # sees only a connection's first packet, so this admits new inbound TCP only.
+            f"-A {PRERT} -s {PROBE_SOURCE}/32 -d {ip}/32 -p tcp -m multiport"
+            f" ! --dports {_PROXY_PORTS} -j ACCEPT",
             # HBONE arrives already tunnelled: straight to the proxy's real listener.
             f"-A {PRERT} -p tcp -m tcp --dport {INBOUND_HBONE_PORT} -j ACCEPT",
             f"-A {PRERT} -m mark --mark {mark} -j ACCEPT",
             f"-A {PRERT} ! -d 127.0.0.1/32 -p tcp -j REDIRECT --to-ports {INBOUND_PLAINTEXT_PORT}",
-            f"-A {OUTPUT} -d {PROBE_SOURCE}/32 -p tcp -j ACCEPT",
+            # No exception for TCP *to* PROBE_SOURCE: a probe's replies belong to a
+            # connection nat has already seen, so they never come here; a connection
+            # the app opens to that address is the app's own, and is captured.
             # The pod talking to itself never leaves it, so there is nothing to secure.
             f"-A {OUTPUT} -d {ip}/32 -o lo -p tcp -j ACCEPT",
             f"-A {OUTPUT} -m mark --mark {mark} -j ACCEPT",
@@ -106,12 +116,12 @@ def _render(blocks: Mapping[str, Sequence[str]]) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class _SavedTable:
+class SavedTable:
     chains: tuple[str, ...]
     rules: tuple[tuple[str, str], ...]  # (chain, rule spec after "-A CHAIN ")
 
 
-def _parse_save(save: str) -> dict[str, _SavedTable]:
+def parse_save(save: str) -> dict[str, SavedTable]:
     """``iptables-save`` output (with or without ``-c`` counters) → per table."""
     chains: dict[str, list[str]] = {}
     rules: dict[str, list[tuple[str, str]]] = {}
@@ -129,10 +139,10 @@ def _parse_save(save: str) -> dict[str, _SavedTable]:
         elif line.startswith("-A "):
             chain, _, spec = line[3:].partition(" ")
             rules[table].append((chain, spec))
-    return {t: _SavedTable(tuple(chains[t]), tuple(rules[t])) for t in chains}
+    return {t: SavedTable(tuple(chains[t]), tuple(rules[t])) for t in chains}
 
 
-def _target(spec: str) -> str:
+def jump_target(spec: str) -> str:
     try:
         words = shlex.split(spec)
     except ValueError:  # unbalanced quotes in somebody's comment: fall back to plain words
@@ -144,7 +154,7 @@ def _target(spec: str) -> str:
 
 
 def _missing_jumps(existing_save: str) -> dict[str, list[str]]:
-    saved = _parse_save(existing_save)
+    saved = parse_save(existing_save)
     missing: dict[str, list[str]] = {}
     for table in TABLES:
         present = set(saved[table].rules) if table in saved else set()
@@ -174,13 +184,13 @@ def render_apply(pod_ip: str, existing_save: str) -> str:
                     for t, rules in _rules(pod_ip).items()})
 
 
-def render_removal(existing_save: str) -> str:
-    """Delete every jump into a ``TRELLIS_*`` chain, then the chains ("" if none)."""
+def render_removal(existing_save: str, *, prefix: str = CHAIN_PREFIX) -> str:
+    """Delete every jump into a chain named ``prefix*``, then the chains ("" if none)."""
     blocks: dict[str, list[str]] = {}
-    for table, saved in _parse_save(existing_save).items():
-        ours = [c for c in saved.chains if c.startswith(CHAIN_PREFIX)]
+    for table, saved in parse_save(existing_save).items():
+        ours = [c for c in saved.chains if c.startswith(prefix)]
         jumps = [f"-D {chain} {spec}" for chain, spec in saved.rules
-                 if chain not in ours and _target(spec) in ours]
+                 if chain not in ours and jump_target(spec) in ours]
         blocks[table] = [*jumps, *(f"-F {c}" for c in ours), *(f"-X {c}" for c in ours)]
     return _render(blocks)
 
@@ -195,6 +205,30 @@ def _explain(stderr: str, stdin: str | None) -> str:
         if 0 < number <= len(lines):
             message += f" [input line {number}: {lines[number - 1]}]"
     return message
+
+
+class NetnsCommandError(OSError):
+    """A tool run inside a namespace is missing, hung, or failed; the text says which."""
+
+
+def run_in_netns(ns: NetnsHandle, argv: list[str], stdin: str | None = None, *,
+                 timeout_s: float) -> str:
+    """Run ``argv`` in the namespace ``ns`` and return its output."""
+    # nsenter re-opens our fd (inherited at the same number), not the path: every
+    # step acts on the namespace we opened even if the path is reused meanwhile.
+    fd = ns.fileno()
+    command = ["nsenter", f"--net=/proc/self/fd/{fd}", *argv]
+    try:
+        done = subprocess.run(command, input=stdin, capture_output=True, text=True,
+                              timeout=timeout_s, pass_fds=(fd,), check=False)
+    except FileNotFoundError as err:
+        raise NetnsCommandError(f"{err.filename}: not installed") from err
+    except subprocess.TimeoutExpired as err:
+        raise NetnsCommandError(f"{' '.join(argv)}: no answer in {timeout_s} s") from err
+    if done.returncode != 0:
+        raise NetnsCommandError(f"{' '.join(argv)} failed (exit {done.returncode}): "
+                                f"{_explain(done.stderr, stdin)}")
+    return done.stdout
 
 
 class IptablesRedirector:
@@ -245,21 +279,10 @@ class IptablesRedirector:
 
     def _run(self, pod: PodNetwork, ns: NetnsHandle, argv: list[str],
              stdin: str | None = None) -> str:
-        # nsenter re-opens our fd (inherited at the same number), not the path: every
-        # step acts on the namespace we opened even if the path is reused meanwhile.
-        fd = ns.fileno()
-        command = ["nsenter", f"--net=/proc/self/fd/{fd}", *argv]
         try:
-            done = subprocess.run(command, input=stdin, capture_output=True, text=True,
-                                  timeout=self.timeout_s, pass_fds=(fd,), check=False)
-        except FileNotFoundError as err:
-            raise RedirectError(pod, f"{err.filename}: not installed") from err
-        except subprocess.TimeoutExpired as err:
-            raise RedirectError(pod, f"{' '.join(argv)}: no answer in {self.timeout_s} s") from err
-        if done.returncode != 0:
-            raise RedirectError(pod, f"{' '.join(argv)} failed (exit {done.returncode}): "
-                                     f"{_explain(done.stderr, stdin)}")
-        return done.stdout
+            return run_in_netns(ns, argv, stdin, timeout_s=self.timeout_s)
+        except NetnsCommandError as err:
+            raise RedirectError(pod, str(err)) from err
 
     @staticmethod
     @contextlib.contextmanager

@@ -20,6 +20,7 @@ from nodeagent.agent import Reconciler
 from nodeagent.cni.lifecycle import stop_redirection
 from nodeagent.cni_server import CniServer
 from nodeagent.config import AgentConfig
+from nodeagent.host_probe import HostProbeRules
 from nodeagent.proxy_link import LocalProxy, PodProxy, RemoteProxy
 from nodeagent.proxy_stack import ProxyStack, open_source, stop_on_signals
 from nodeagent.redirect_modes import make_redirector
@@ -54,7 +55,9 @@ async def run_agent(config: AgentConfig) -> None:
         link = remote = RemoteProxy(config.control_socket, config.node,
                                     on_connect=getattr(redirector, "follow_proxy", None))
     reconciler = Reconciler(config.node, link, redirector,
-                            netns_resolver=netns_resolver(config.source))
+                            netns_resolver=netns_resolver(config.source),
+                            host_rules=HostProbeRules(config.host_netns)
+                            if config.host_netns else None)
     if stack is not None:
         registry = stack.metrics.registry
     else:

@@ -86,10 +86,18 @@ def test_a_bad_pod_ip_is_named() -> None:
 
 
 @given(st.ip_addresses(v=4))
-def test_only_the_pod_ip_line_depends_on_the_pod(ip: ipaddress.IPv4Address) -> None:
+def test_only_the_pod_ip_lines_depend_on_the_pod(ip: ipaddress.IPv4Address) -> None:
+    """The pod's own IP appears twice: its traffic to itself, and the only destination
+    a kubelet probe may reach around the proxy."""
     ours, reference = render_rules(str(ip)), render_rules(POD_IP)
-    assert ours.replace(f"-d {ip}/32 -o lo", "-d X -o lo") == \
-        reference.replace(f"-d {POD_IP}/32 -o lo", "-d X -o lo")
+    assert ours.count(f"-d {ip}/32 ") == 2
+    assert ours.replace(f"-d {ip}/32 ", "-d X ") == reference.replace(f"-d {POD_IP}/32 ", "-d X ")
+
+
+def test_the_probe_exception_names_the_pod_and_spares_the_proxy_ports() -> None:
+    (probe,) = [line for line in render_rules(POD_IP).splitlines() if "169.254.7.127" in line]
+    assert probe.startswith(f"-A TRELLIS_PRERT -s 169.254.7.127/32 -d {POD_IP}/32 -p tcp")
+    assert "! --dports 15001,15006,15008" in probe
 
 
 def test_restore_errors_quote_the_failing_line() -> None:

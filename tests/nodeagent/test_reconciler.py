@@ -208,3 +208,45 @@ def test_a_replay_that_fails_midway_does_not_end_until_every_pod_is_retold() -> 
 
     asyncio.run(scenario())
     assert proxy.events == ["listen a", "snapshot_sent"]
+
+
+class FakeHostRules:
+    def __init__(self) -> None:
+        self.synced: list[frozenset[str]] = []
+        self.removed = 0
+        self.fail = ""
+
+    def sync(self, pod_ips) -> bool:  # type: ignore[no-untyped-def]
+        if self.fail:
+            raise OSError(self.fail)
+        self.synced.append(frozenset(pod_ips))
+        return True
+
+    def remove(self) -> None:
+        self.removed += 1
+
+
+def test_the_node_snats_probes_to_exactly_this_nodes_enrolled_pods() -> None:
+    proxy = FakeProxy()
+    host = FakeHostRules()
+    reconciler = Reconciler("node-1", proxy, FakeRedirector(proxy.events),  # type: ignore[arg-type]
+                            host_rules=host)
+
+    async def scenario() -> None:
+        await reconciler.apply_snapshot(snapshot(
+            pod("a", "198.18.1.10"), pod("b", "198.18.2.10", node="node-2"),
+            pod("c", "198.18.1.11", mode="none")))
+        assert host.synced[-1] == {"198.18.1.10"}
+        await reconciler.apply_snapshot(snapshot(pod("a", "198.18.1.12")))
+        assert host.synced[-1] == {"198.18.1.12"}  # the old IP left with the old enrollment
+        host.fail = "iptables-restore failed"
+        await reconciler.apply_snapshot(snapshot())  # logged, retried on the next pass
+        host.fail = ""
+        await reconciler.reconcile()
+        assert host.synced[-1] == frozenset()
+        await reconciler.shutdown(remove_rules=False)  # a restart: probes keep working
+        assert host.removed == 0
+        await reconciler.shutdown(remove_rules=True)  # an uninstall: nothing left behind
+        assert host.removed == 1
+
+    asyncio.run(scenario())
