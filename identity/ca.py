@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Protocol
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -185,12 +186,18 @@ class CertificateAuthority:
     def _validate_csr(self, csr_pem: bytes) -> tuple[Identity, ec.EllipticCurvePublicKey]:
         try:
             csr = x509.load_pem_x509_csr(csr_pem)
-        except ValueError as exc:
+        except (ValueError, x509.InvalidVersion) as exc:
             raise SigningRefused(f"CSR is not a PEM certificate request: {exc}") from exc
-        if not csr.is_signature_valid:
+        # cryptography decodes a CSR lazily: a key of an unknown algorithm, or a
+        # point off its curve, raises only here (found by tests/fuzz/fuzz_ca_csr.py).
+        try:
+            signature_valid = csr.is_signature_valid
+            public_key = csr.public_key()
+        except (ValueError, UnsupportedAlgorithm) as exc:
+            raise SigningRefused(f"CSR key cannot be read: {exc}") from exc
+        if not signature_valid:
             raise SigningRefused(
                 "CSR signature is invalid: it was altered or not signed by its key")
-        public_key = csr.public_key()
         if not isinstance(public_key, ec.EllipticCurvePublicKey) or \
                 not isinstance(public_key.curve, CURVE):
             raise SigningRefused(
@@ -247,6 +254,8 @@ def _single_uri_san(csr: x509.CertificateSigningRequest) -> str:
         san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         raise SigningRefused("CSR has no subjectAltName; it must carry one SPIFFE URI") from None
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
+        raise SigningRefused(f"CSR extensions cannot be read: {exc}") from None
     uris = san.get_values_for_type(x509.UniformResourceIdentifier)
     if len(uris) != 1:
         raise SigningRefused(f"CSR has {len(uris)} URI SANs {uris}; exactly one is allowed")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from datetime import timedelta
 
 import pytest
@@ -147,6 +148,31 @@ def test_refuses_unparseable_csrs(ca: CertificateAuthority, registry: StaticRegi
     refusal = _refusal(ca, blob, registry)
     assert refusal.kind is RefusalKind.MALFORMED
     assert refusal.reason.startswith("CSR is not a PEM certificate request")
+
+
+# A CSR's DER with one field changed: the version, the key's algorithm, its point.
+_EC_PUBLIC_KEY = bytes.fromhex("06072a8648ce3d0201")  # OID 1.2.840.10045.2.1
+
+
+@pytest.mark.parametrize(("old", "new", "message"), [
+    (b"\x02\x01\x00", b"\x02\x01\x08", "not a PEM certificate request: 8 is not a valid"),
+    (_EC_PUBLIC_KEY, bytes.fromhex("06072a8648ce3d0209"), "key cannot be read: Unknown key"),
+    (b"\x03\x42\x00\x04", b"\x03\x42\x00\x05", "key cannot be read: Invalid key"),
+], ids=["version", "key-algorithm", "key-point"])
+def test_a_csr_that_fails_only_when_read_is_refused_not_raised(
+        ca: CertificateAuthority, registry: StaticRegistry, old: bytes, new: bytes,
+        message: str) -> None:
+    # Found by tests/fuzz/fuzz_ca_csr.py: cryptography decodes a CSR lazily, so these
+    # loaded and then raised InvalidVersion, UnsupportedAlgorithm or ValueError out of
+    # sign_workload; the CA server answered nothing and logged a traceback.
+    der = x509.load_pem_x509_csr(_csr([x509.UniformResourceIdentifier(BACKEND.uri)])
+                                 ).public_bytes(serialization.Encoding.DER)
+    assert der.count(old) == 1
+    body = base64.encodebytes(der.replace(old, new))
+    pem = b"-----BEGIN CERTIFICATE REQUEST-----\n" + body + b"-----END CERTIFICATE REQUEST-----\n"
+    refusal = _refusal(ca, pem, registry)
+    assert refusal.kind is RefusalKind.MALFORMED
+    assert message in refusal.reason
 
 
 def test_refuses_keys_other_than_p256(ca: CertificateAuthority, registry: StaticRegistry) -> None:
