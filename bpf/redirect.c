@@ -6,10 +6,17 @@
 //           rewritten to 127.0.0.1:15001 and the original destination is kept
 //           under the socket's cookie.
 //           sockops (pod cgroup): once that connect is established, the original
-//           destination is re-keyed by (netns cookie, source port), which is what
-//           the proxy's accepted socket can see of it.
+//           destination is re-keyed by (netns cookie, source address, source
+//           port): the accepted socket's peer, which is what the proxy's side can
+//           see of it, and which no other live connection to 15001 can share.
 //           cgroup/getsockopt (the proxy's cgroup): SO_ORIGINAL_DST is answered
-//           from that map, so tunnel/netns.original_dst works unchanged.
+//           from that map, once, and the entry is deleted; so tunnel/netns.original_dst
+//           works unchanged. A socket on 15001 with no entry (a direct connect to
+//           127.0.0.1:15001, a second read) is refused (EPERM), never answered
+//           with the listener's own address or another connection's destination.
+//           Entries of connections that never connect, are reset, or that the
+//           proxy closed are deleted by the sockops state callback; both maps are
+//           LRU-bounded.
 // Inbound   tc ingress (pod eth0): a TCP packet that belongs to no established
 //           socket is handed to the proxy's 15006 listener with bpf_sk_assign.
 //           The addresses stay as they are (the client's IP is kept), so the
@@ -45,10 +52,10 @@ struct orig_dst {
     u16 pad;
 };
 
-struct pair_key {
+struct peer_key {
     u64 netns;   // netns cookie of the pod
-    u32 sport;   // the app's source port (host order), towards 127.0.0.1:15001
-    u32 pad;
+    u32 ip;      // the app's source address (network order), towards 127.0.0.1:15001
+    u32 port;    // the app's source port (host order)
 };
 
 struct pod_info {
@@ -59,8 +66,10 @@ struct pod_info {
 // connect4 → sockops: original destination by the app socket's cookie.
 BPF_TABLE_PINNED("lru_hash", u64, struct orig_dst, trellis_orig, 65536, PIN_DIR "/orig");
 // sockops → getsockopt: original destination by what the proxy's side can see.
-BPF_TABLE_PINNED("lru_hash", struct pair_key, struct orig_dst, trellis_pair, 65536,
-                 PIN_DIR "/pair");
+// (Pinned as "peer": the older "pair" map had another key, and a restarted agent
+// must never open a pin of the old shape.)
+BPF_TABLE_PINNED("lru_hash", struct peer_key, struct orig_dst, trellis_peer, 65536,
+                 PIN_DIR "/peer");
 // Enrolled pods by netns cookie, filled by the loader: nothing happens elsewhere.
 BPF_TABLE_PINNED("hash", u64, struct pod_info, trellis_pods, 4096, PIN_DIR "/pods");
 
@@ -70,8 +79,9 @@ int trellis_connect4(struct bpf_sock_addr *ctx)
         return 1;
     u32 dst = ctx->user_ip4;
     u16 port = (u16)ctx->user_port;
-    if ((bpf_ntohl(dst) >> 24) == 127 || port == bpf_htons(INBOUND_HBONE_PORT)
-        || dst == bpf_htonl(PROBE_SOURCE))
+    // No exception for connects *to* the probe source: a probe's replies belong to
+    // the accepted socket, and a connect the app makes there is the app's own.
+    if ((bpf_ntohl(dst) >> 24) == 127 || port == bpf_htons(INBOUND_HBONE_PORT))
         return 1;
     u64 netns = bpf_get_netns_cookie(ctx);
     struct pod_info *pod = trellis_pods.lookup(&netns);
@@ -90,16 +100,45 @@ int trellis_connect4(struct bpf_sock_addr *ctx)
 
 int trellis_sockops(struct bpf_sock_ops *skops)
 {
-    if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB || skops->family != 2 /* AF_INET */)
+    if (skops->family != 2 /* AF_INET */)
         return 1;
     u64 cookie = bpf_get_socket_cookie(skops);
-    struct orig_dst *orig = trellis_orig.lookup(&cookie);
-    if (!orig)
+    struct peer_key key = {.netns = bpf_get_netns_cookie(skops), .ip = skops->local_ip4,
+                           .port = skops->local_port};
+    switch (skops->op) {
+    case BPF_SOCK_OPS_TCP_CONNECT_CB:
+        // A connect we rewrote: follow its states, so that its entries go with it
+        // even when it never connects or the proxy never reads them.
+        if (trellis_orig.lookup(&cookie))
+            bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
         return 1;
-    struct pair_key key = {.netns = bpf_get_netns_cookie(skops), .sport = skops->local_port};
-    struct orig_dst copy = *orig;
-    trellis_pair.update(&key, &copy);
-    trellis_orig.delete(&cookie);
+    case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: {
+        struct orig_dst *orig = trellis_orig.lookup(&cookie);
+        if (!orig)
+            return 1;
+        struct orig_dst copy = *orig;
+        trellis_peer.update(&key, &copy);
+        trellis_orig.delete(&cookie);
+        return 1;
+    }
+    case BPF_SOCK_OPS_STATE_CB: {
+        // args[0] is the old state, args[1] the new one.
+        if (skops->args[1] != BPF_TCP_CLOSE)
+            return 1;
+        trellis_orig.delete(&cookie);  // a connect that never got through
+        u32 was = skops->args[0];
+        // The app closed first, gracefully: its data and FIN may still wait in the
+        // proxy's accept queue, and the proxy still needs the entry for them. It is
+        // deleted when read, or by the LRU; only this pod, from this same address
+        // and port, could ever meet it again. Every other way to CLOSE (a reset,
+        // the proxy closing first, no connection at all) means nobody will read it.
+        if (was == BPF_TCP_FIN_WAIT1 || was == BPF_TCP_FIN_WAIT2 || was == BPF_TCP_CLOSING
+            || was == BPF_TCP_TIME_WAIT)
+            return 1;
+        trellis_peer.delete(&key);
+        return 1;
+    }
+    }
     return 1;
 }
 
@@ -118,11 +157,13 @@ int trellis_getsockopt(struct bpf_sockopt *ctx)
         return 1;
     struct orig_dst found = {};
     if (sk->src_port == OUTBOUND_PORT) {
-        struct pair_key key = {.netns = netns, .sport = bpf_ntohs((u16)sk->dst_port)};
-        struct orig_dst *orig = trellis_pair.lookup(&key);
+        struct peer_key key = {.netns = netns, .ip = sk->dst_ip4,
+                               .port = bpf_ntohs((u16)sk->dst_port)};
+        struct orig_dst *orig = trellis_peer.lookup(&key);
         if (!orig)
-            return 1;
+            return 0;  // EPERM: no rewritten connect is behind this socket (fail closed)
         found = *orig;
+        trellis_peer.delete(&key);  // one answer per connection
     } else {
         // Handed over by tc: the accepted socket kept the packet's addresses.
         found.ip = sk->src_ip4;
@@ -156,7 +197,13 @@ int trellis_tc_ingress(struct __sk_buff *skb)
     struct tcphdr *tcp = (void *)iph + ihl * 4;
     if ((void *)(tcp + 1) > data_end)
         return TC_ACT_SHOT;
-    if (tcp->dest == bpf_htons(INBOUND_HBONE_PORT) || iph->saddr == bpf_htonl(PROBE_SOURCE))
+    if (tcp->dest == bpf_htons(INBOUND_HBONE_PORT))
+        return TC_ACT_OK;
+    // A kubelet probe (SNATed to PROBE_SOURCE by the node, nodeagent/host_probe.py)
+    // goes to the app untouched, as the iptables rules let it; never to a port of
+    // the proxy's, where it would skip the redirect and land on a listener directly.
+    if (iph->saddr == bpf_htonl(PROBE_SOURCE) && tcp->dest != bpf_htons(OUTBOUND_PORT)
+        && tcp->dest != bpf_htons(INBOUND_PLAINTEXT_PORT))
         return TC_ACT_OK;
     struct bpf_sock_tuple tuple = {};
     tuple.ipv4.saddr = iph->saddr;

@@ -6,7 +6,7 @@ link on the pod's ``eth0``, the pod in the ``pods`` map, and the return path's
 agent's own cgroup (where the proxy's sockets live). Everything is pinned under
 the agent's bpffs root::
 
-    <root>/maps/{orig,pair,pods}       shared maps (bcc pins them at load)
+    <root>/maps/{orig,peer,pods}       shared maps (bcc pins them at load)
     <root>/getsockopt                  link on the proxy's cgroup
     <root>/pods/<uid>/{connect4,sockops,tc_ingress}   links
     <root>/pods/<uid>/state            one-slot map: the pod's netns cookie
@@ -231,7 +231,7 @@ class EbpfRedirector:
         return self._programs
 
     def _ensure_agent_state(self) -> None:
-        if not _complete(self.maps_dir, ("orig", "pair", "pods")):
+        if not _complete(self.maps_dir, ("orig", "peer", "pods")):
             self._loaded()
         self._ensure_getsockopt()
 

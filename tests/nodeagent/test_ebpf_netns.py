@@ -23,6 +23,8 @@ from nodeagent import bpf_sys
 from nodeagent.ebpf import EbpfRedirector
 from nodeagent.ebpf_routing import RETURN_RULES
 from nodeagent.ebpf_support import cgroup2_mount
+from nodeagent.host_probe import HostProbeRules
+from nodeagent.iptables import PROBE_SOURCE
 from nodeagent.redirect import PodNetwork, RedirectError
 from tunnel.config import PROXY_MARK
 from tunnel.netns import NetnsHandle, inside, listen_in, original_dst, socket_in
@@ -67,11 +69,15 @@ def redirector(bpf_root: str, pod: PodNetwork) -> Iterator[EbpfRedirector]:
         r.remove(pod)
 
 
-def _app_connect(pod: PodNetwork, host: str, port: int, *, mark: int = 0) -> str:
-    """Connect from a process in the pod's cgroup and namespace; its peer, or the error."""
-    code = ("import socket,sys\n"
+def _app_connect(pod: PodNetwork, host: str, port: int, *, mark: int = 0,
+                 reset: bool = False) -> str:
+    """Connect from a process in the pod's cgroup and namespace; its peer, or the error.
+    The process then exits, closing with a FIN (or a RST with ``reset``)."""
+    code = ("import socket,struct,sys\n"
             "s=socket.socket()\n"
             f"if {mark}: s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, {mark})\n"
+            f"if {reset}: s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,"
+            " struct.pack('ii', 1, 0))\n"
             "s.settimeout(3)\n"
             f"try:\n s.connect(({host!r},{port})); print('%s:%d' % s.getpeername())\n"
             "except OSError as e: print('error', e.errno)\n")
@@ -258,3 +264,80 @@ def test_a_pod_cgroup_made_anew_is_attached_again(
 
 def _progs_of(cgroup: str) -> list[tuple[int, str]]:
     return sorted((int(p["id"]), str(p["attach_type"])) for p in _cgroup_progs(cgroup))
+
+
+# -- kubelet probes ---------------------------------------------------------------------
+
+def test_a_host_probe_reaches_the_app_but_not_the_proxy_ports(
+        redirector: EbpfRedirector, pod: PodNetwork, peer_netns: str) -> None:
+    """The peer plays the node: its own sockets are SNATed to the probe source by the
+    host rule (nodeagent/host_probe.py), and tc lets exactly that through to the app."""
+    subprocess.run(["ip", "-n", os.path.basename(pod.netns_path), "route", "add", "default",
+                    "via", PEER_IP], check=True)
+    redirector.apply(pod)
+    host = HostProbeRules(f"/run/netns/{peer_netns}")
+    with NetnsHandle(pod.netns_path) as ns, listen_in(ns, 15006) as inbound, \
+            listen_in(ns, 15001) as outbound, listen_in(ns, 8080, mark=None) as app, \
+            NetnsHandle(f"/run/netns/{peer_netns}") as peer:
+        def connect(port: int) -> socket.socket:
+            client = socket_in(peer)
+            client.setblocking(True)
+            client.settimeout(3)
+            client.connect((POD_IP, port))
+            return client
+
+        with connect(8080), _accept(inbound) as captured:  # control: no host rule yet
+            assert captured.getpeername()[0] == PEER_IP
+        try:
+            host.sync([POD_IP])
+            with connect(8080) as probe, _accept(app) as served:
+                assert served.getpeername()[0] == PROBE_SOURCE
+                served.sendall(b"ok")  # the reply to 169.254.7.127 leaves by main
+                assert probe.recv(8) == b"ok"
+            with connect(15001), _accept(inbound) as captured:
+                assert captured.getpeername()[0] == PROBE_SOURCE
+            outbound.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                outbound.accept()
+        finally:
+            host.remove()
+
+
+# -- SO_ORIGINAL_DST entries --------------------------------------------------------------
+
+def _entries(bpf_root: str, name: str) -> list[object]:
+    out = subprocess.run(["bpftool", "-j", "map", "dump", "pinned", f"{bpf_root}/maps/{name}"],
+                         capture_output=True, text=True, check=True).stdout
+    return list(json.loads(out.strip() or "[]"))
+
+
+def test_original_dst_is_answered_once_and_never_to_another_connection(
+        bpf_root: str, redirector: EbpfRedirector, pod: PodNetwork) -> None:
+    """The app connects and exits before the proxy accepts (a short-lived client):
+    the proxy still reads the destination, once. A connect straight to
+    127.0.0.1:15001 from the port that connect used (from another loopback
+    address) must not read it, and a reset or failed connect leaves no entry."""
+    redirector.apply(pod)
+    with NetnsHandle(pod.netns_path) as ns, listen_in(ns, 15001) as outbound:
+        assert _app_connect(pod, PEER_IP, 8080) == "127.0.0.1:15001"  # and the app exits
+        with _accept(outbound) as first:
+            _peer_ip, port = first.getpeername()
+            assert original_dst(first) == (PEER_IP, 8080)
+            with pytest.raises(OSError):
+                original_dst(first)  # answered once: the entry went with the answer
+        with socket_in(ns, mark=None) as direct:
+            direct.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            direct.bind(("127.0.0.2", port))
+            direct.setblocking(True)
+            direct.settimeout(3)
+            direct.connect(("127.0.0.1", 15001))
+            with _accept(outbound) as second, pytest.raises(OSError):
+                original_dst(second)
+        assert _entries(bpf_root, "peer") == []
+
+        # Read by nobody: the app resets its connection while it is still queued.
+        assert _app_connect(pod, PEER_IP, 8081, reset=True) == "127.0.0.1:15001"
+        assert _entries(bpf_root, "peer") == []
+    # Never connected (nothing listens on 15001 now): the cookie's entry goes too.
+    assert _app_connect(pod, PEER_IP, 8082) == "error 111"
+    assert _entries(bpf_root, "orig") == []
