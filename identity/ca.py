@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import re
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -164,15 +165,21 @@ class CertificateAuthority:
         """A serving certificate for the CA's HTTPS API: IP SANs for addresses, DNS for names.
 
         Always includes DNS `trellis-ca`, so clients may verify by that name
-        whatever address they dial.
+        whatever address they dial. A wildcard listen address (0.0.0.0, ::) is
+        left out: nobody dials it, and it is no name for this server. On
+        Kubernetes the names that matter are the Service's (`service_dns_names`).
         """
         key = generate_key()
         names: list[x509.GeneralName] = [x509.DNSName(CA_SERVER_DNS_NAME)]
-        for host in hosts:
+        for host in dict.fromkeys(hosts):  # in order, once each
             try:
-                names.append(x509.IPAddress(ipaddress.ip_address(host)))
+                address = ipaddress.ip_address(host)
             except ValueError:
-                names.append(x509.DNSName(host))
+                if host != CA_SERVER_DNS_NAME:
+                    names.append(x509.DNSName(host))
+                continue
+            if not address.is_unspecified:
+                names.append(x509.IPAddress(address))
         now = self._clock()
         builder = (
             self._leaf_builder(key.public_key(), now - CLOCK_SKEW, now + lifetime)
@@ -247,6 +254,22 @@ class CertificateAuthority:
                 x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuer_ski.value),
                 critical=False)
         )
+
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def service_dns_names(name: str, namespace: str, cluster_domain: str) -> tuple[str, ...]:
+    """The names a client in the cluster may dial a Service by: ``NAME``, ``NAME.NS``,
+    ``NAME.NS.svc`` and ``NAME.NS.svc.<cluster domain>``. Raises ValueError naming
+    the part that is no DNS label (or, for the domain, no DNS name)."""
+    for part, value in (("name", name), ("namespace", namespace)):
+        if not _DNS_LABEL.match(value):
+            raise ValueError(f"service {part} {value!r} is not a DNS label")
+    if not all(_DNS_LABEL.match(label) for label in cluster_domain.split(".")):
+        raise ValueError(f"cluster domain {cluster_domain!r} is not a DNS name")
+    qualified = f"{name}.{namespace}.svc"
+    return name, f"{name}.{namespace}", qualified, f"{qualified}.{cluster_domain}"
 
 
 def _single_uri_san(csr: x509.CertificateSigningRequest) -> str:

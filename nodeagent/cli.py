@@ -67,6 +67,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     serve = ca_sub.add_parser("serve", help="serve the CA's HTTPS API")
     serve.add_argument("--state-dir", required=True, type=Path, help="holds the root key")
     serve.add_argument("--listen", default="127.0.0.1:15012", help="HOST:PORT")
+    serve.add_argument("--service", default="",
+                       help="NAMESPACE/NAME of the CA's Service: clients verify the host "
+                            "they dial, so its DNS names (NAME, NAME.NS, NAME.NS.svc, "
+                            "NAME.NS.svc.CLUSTER_DOMAIN) go into the serving certificate")
+    serve.add_argument("--cluster-domain", default="cluster.local",
+                       help="the cluster's DNS domain, for --service")
     serve.add_argument("--source", choices=("file", "kubernetes"), default="file",
                        help="file: --workloads and --node-tokens; kubernetes: pods from the "
                             "API server, node agents authenticated by TokenReview")
@@ -198,6 +204,7 @@ def _ca_serve(args: argparse.Namespace) -> int:
     try:
         host, port = parse_hostport(args.listen, "--listen")
         lifetime = parse_duration(args.cert_lifetime, "--cert-lifetime")
+        server_names = _service_names(args.service, args.cluster_domain)
         if args.source == "file":
             for flag, value in (("--workloads", args.workloads),
                                 ("--node-tokens", args.node_tokens)):
@@ -206,10 +213,25 @@ def _ca_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _fail(str(exc))
     logging.getLogger().setLevel(args.log_level.upper())
-    return _run(_serve_ca(args, host, port, lifetime))
+    return _run(_serve_ca(args, host, port, lifetime, server_names))
 
 
-async def _serve_ca(args: argparse.Namespace, host: str, port: int, lifetime: timedelta) -> None:
+def _service_names(service: str, cluster_domain: str) -> tuple[str, ...]:
+    if not service:
+        return ()
+    from identity.ca import service_dns_names
+    from nodeagent.ca_k8s import parse_service_account
+
+    try:
+        namespace, name = parse_service_account(service, "--service")
+        return service_dns_names(name, namespace, cluster_domain)
+    except ValueError as exc:
+        raise ConfigError(str(exc) if str(exc).startswith("--") else
+                          f"--service/--cluster-domain: {exc}") from None
+
+
+async def _serve_ca(args: argparse.Namespace, host: str, port: int, lifetime: timedelta,
+                    server_names: tuple[str, ...]) -> None:
     from identity.ca import CertificateAuthority
     from identity.ca_server import CaServerConfig, serve_ca
     from identity.node_auth import NodeAuthenticator, StaticTokenAuthenticator
@@ -227,7 +249,8 @@ async def _serve_ca(args: argparse.Namespace, host: str, port: int, lifetime: ti
         registry, _follower = await follow_registry(
             FileSource(args.workloads, node="", trust_domain=args.trust_domain))
     server = await serve_ca(
-        CaServerConfig(host=host, port=port, lifetime=lifetime, trust_domain=args.trust_domain),
+        CaServerConfig(host=host, port=port, lifetime=lifetime, trust_domain=args.trust_domain,
+                       server_names=server_names),
         ca, registry, authenticator)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

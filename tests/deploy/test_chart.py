@@ -101,8 +101,10 @@ def test_default_render_validates(tmp_path: Path) -> None:
         security = container["securityContext"]
         assert security["privileged"] is False
         assert security["readOnlyRootFilesystem"] is True
-        # NET_RAW is needed by neither: NET_ADMIN also allows IP_TRANSPARENT.
-        assert security["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "SYS_ADMIN"]}
+        # NET_RAW is needed by neither: NET_ADMIN also allows IP_TRANSPARENT. The agent
+        # alone opens pods' /proc/<pid>/ns/net, a ptrace access check: SYS_PTRACE.
+        add = ["NET_ADMIN", "SYS_ADMIN", *(["SYS_PTRACE"] if container is agent else [])]
+        assert security["capabilities"] == {"drop": ["ALL"], "add": add}
     assert proxy["readinessProbe"]["httpGet"] == {"path": "/healthz/ready", "port": 15021}
     assert agent["readinessProbe"]["httpGet"] == {"path": "/healthz/ready", "port": 15015}
     assert {p["name"]: p["containerPort"] for p in proxy["ports"]} == {
