@@ -103,4 +103,4 @@ async def run_agent(config: AgentConfig) -> None:
     # connections are refused rather than sent in plaintext. A restarted agent
     # re-applies them idempotently and the proxy binds the listeners again. Only
     # an uninstall (the chart's DaemonSet is gone) removes them.
-    await stop_redirection(reconciler, config.kubeconfig)
+    await stop_redirection(reconciler, config.kubeconfig, cni.applied() if cni is not None else ())
