@@ -53,6 +53,10 @@ from tunnel.state import AMBIENT, DATAPLANE_LABEL, MeshState
 _log = logging.getLogger("trellis.nodeagent.cni")
 READ_TIMEOUT_S = 5.0
 FALLBACK_INTERVAL_S = 0.5  # how soon a new snapshot reaches <socket>.fallback
+# Pods whose rules ADD installed, remembered until DEL, so that an uninstall can
+# remove them even if the reconciler never served the pod. A node runs a few
+# hundred pods at most; past this bound the oldest entry is forgotten.
+MAX_APPLIED = 4096
 
 
 class Decision(enum.Enum):
@@ -107,6 +111,7 @@ class CniServer:
         self._publisher: asyncio.Task[None] | None = None
         # The previous agent's verdicts, for the time before our first snapshot.
         self._inherited: dict[str, fallback.Fallback] = {}
+        self._applied: dict[str, PodNetwork] = {}  # container id → what ADD redirected
 
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -208,15 +213,28 @@ class CniServer:
                 if problem:
                     raise OSError(problem)
             elif request.op == "del":
+                self._applied.pop(request.container_id, None)
                 if request.netns:
                     await loop.run_in_executor(None, self._redirector.remove, _network(request))
             else:
                 await loop.run_in_executor(None, self._redirector.apply, _network(request))
+                self._remember(request.container_id, _network(request))
         except (OSError, ValueError) as exc:
             _log.error("cni request failed", extra={"fields": {**fields, "error": str(exc)}})
             return PodResponse(ok=False, error=str(exc))
         _log.info("cni request done", extra={"fields": fields})
         return PodResponse(ok=True)
+
+
+    def applied(self) -> list[PodNetwork]:
+        """Pods whose redirection ADD installed and no DEL removed yet."""
+        return list(self._applied.values())
+
+    def _remember(self, container_id: str, network: PodNetwork) -> None:
+        self._applied.pop(container_id, None)
+        if len(self._applied) >= MAX_APPLIED:
+            del self._applied[next(iter(self._applied))]
+        self._applied[container_id] = network
 
 
 def _no_check(_netns_path: str) -> str | None:

@@ -22,11 +22,12 @@ tells the two apart the same way, by reading its DaemonSet when it stops:
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,6 +38,7 @@ from nodeagent.k8s_client import api_client, load_configuration
 
 if TYPE_CHECKING:
     from nodeagent.agent import Reconciler
+    from nodeagent.redirect import PodNetwork
 
 _log = logging.getLogger("trellis.cni.lifecycle")
 READ_TIMEOUT_S = 5.0  # inside the grace period, with room for the clean-up after it
@@ -137,13 +139,24 @@ async def uninstalling(kubeconfig: Path | None = None,
     return await check_uninstall(ref, kubeconfig)
 
 
-async def stop_redirection(reconciler: Reconciler, kubeconfig: Path | None = None) -> bool:
+async def stop_redirection(reconciler: Reconciler, kubeconfig: Path | None = None,
+                           cni_applied: Iterable[PodNetwork] = ()) -> bool:
     """The agent's last step: pods keep their redirection (fail closed: with no proxy
     their connections are refused, never sent in plaintext, and the next agent
     re-applies it), except on an uninstall, where nothing would ever serve it
-    again. Returns whether it was removed."""
+    again: then every served pod's, and every pod's that CNI ADD redirected
+    (``cni_applied``: the reconciler may not have served it yet), is removed.
+    Returns whether it was removed."""
     uninstall = await uninstalling(kubeconfig)
     _log.info("node agent stopping", extra={"fields": {
         "pod_redirection": "removed (uninstall)" if uninstall else "kept"}})
     await reconciler.shutdown(remove_rules=uninstall)
+    if uninstall:
+        loop = asyncio.get_running_loop()
+        for network in cni_applied:  # remove() is idempotent: served ones are gone already
+            try:
+                await loop.run_in_executor(None, reconciler.redirector.remove, network)
+            except OSError as exc:
+                _log.error("uninstall: pod redirection not removed", extra={"fields": {
+                    "pod": network.key, "error": str(exc)}})
     return uninstall
