@@ -8,7 +8,10 @@ who can reach the CA can be one. The first byte picks what the rest is:
 - 0: the request body itself;
 - 1: a DER CSR, sent as PEM inside ``{"csr": ...}`` (mutations reach the X.509
   parser instead of breaking the base64);
-- 2: the text of the ``csr`` string (read as Latin-1).
+- 2: the text of the ``csr`` string (read as Latin-1);
+- 3: a DER CertificationRequestInfo, which the target signs (with a fixed P-256
+  key) into a CSR: a caller can sign whatever it likes, so mutations of the
+  extensions and names must get past the signature check to be tried at all.
 
 The API answers every body with a status; nothing may escape ``handle``. When it
 signs, the certificate must name exactly the URI the CSR asked for.
@@ -21,6 +24,8 @@ import json
 from datetime import timedelta
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from identity.ca import CertificateAuthority, SigningRefused
 from identity.ca_api import SIGN_PATH, CaApi, CaMetrics
@@ -47,10 +52,29 @@ _API = CaApi(ca=CertificateAuthority.create(), registry=_DemoRegistry(),
              lifetime=timedelta(hours=1), metrics=CaMetrics())
 
 
+_KEY = ec.derive_private_key(0x7E11_15, ec.SECP256R1())
+_ECDSA_WITH_SHA256 = bytes.fromhex("300a06082a8648ce3d040302")
+
+
+def _tlv(tag: int, body: bytes) -> bytes:
+    size = len(body)
+    if size < 0x80:
+        return bytes([tag, size]) + body
+    octets = size.to_bytes((size.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(octets)]) + octets + body
+
+
+def signed_csr(info: bytes) -> bytes:
+    """A DER CSR: ``info`` signed by ``_KEY`` (whatever key ``info`` itself names)."""
+    signature = _KEY.sign(info, ec.ECDSA(hashes.SHA256()))
+    return _tlv(0x30, info + _ECDSA_WITH_SHA256 + _tlv(0x03, b"\0" + signature))
+
+
 def _body(data: bytes) -> bytes:
-    mode, rest = (data[0] % 3, data[1:]) if data else (0, b"")
-    if mode == 1:
-        pem = (b"-----BEGIN CERTIFICATE REQUEST-----\n" + base64.encodebytes(rest)
+    mode, rest = (data[0] % 4, data[1:]) if data else (0, b"")
+    if mode in (1, 3):
+        der = signed_csr(rest) if mode == 3 else rest
+        pem = (b"-----BEGIN CERTIFICATE REQUEST-----\n" + base64.encodebytes(der)
                + b"-----END CERTIFICATE REQUEST-----\n")
         return json.dumps({"csr": pem.decode("ascii")}).encode()
     if mode == 2:
