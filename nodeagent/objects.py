@@ -11,9 +11,18 @@ The rules, in one place:
   take the whole node out of the mesh.
 - A pod is enrolled when its label ``trellis.dev/dataplane-mode`` is
   ``ambient``, or its namespace's is and the pod's is not ``none``.
+- A finished pod (``status.phase`` Succeeded or Failed) is left out, as is a
+  pod being deleted that has no IP left: neither runs, so neither is enrolled,
+  answers at an address, or may get a certificate (the CA reads the same
+  snapshot). Its IP may already belong to a new pod.
+- Two pods claiming one IP (the API server's view can lag a reuse): the
+  running one wins, then the newer (``metadata.creationTimestamp``), then the
+  smaller uid, whatever the order of the input; the other is reported and
+  skipped.
 - Pod uids and ``namespace/name`` keys are unique, as are Service keys; pod IPs
   and Service VIPs share one address space (the proxy looks both up by
-  destination). The later duplicate is the one reported and skipped.
+  destination). Pods claim first; otherwise the later duplicate is the one
+  reported and skipped.
 - Service endpoints: when the input has EndpointSlices (always, from the API
   server), each Service gets the ready addresses of every slice labelled
   ``kubernetes.io/service-name: <its name>`` in its namespace, merged; a Service
@@ -33,6 +42,7 @@ import yaml
 
 from identity.spiffe import DEFAULT_TRUST_DOMAIN, Identity, InvalidIdentity
 from nodeagent.object_fields import FieldError, Fields, ipv4, kind_of, port_number
+from nodeagent.pod_status import PodFacts, resolve_shared_ips, timestamp
 from tunnel.state import AMBIENT, DATAPLANE_LABEL, NONE, MeshState, Service, ServicePort, Workload
 
 NETNS_ANNOTATION = "trellis.dev/netns"
@@ -40,6 +50,7 @@ CGROUP_ANNOTATION = "trellis.dev/cgroup"
 POLICY_GROUPS = ("security.istio.io/", "security.trellis.dev/")
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 _PROTOCOLS = ("TCP", "UDP", "SCTP")
+
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 
 
@@ -130,6 +141,16 @@ def _enrolled(pod_labels: Mapping[str, str], ns_labels: Mapping[str, str]) -> bo
     if mode == AMBIENT:
         return True
     return mode != NONE and ns_labels.get(DATAPLANE_LABEL) == AMBIENT
+
+
+def _pod_facts(doc: _Doc, namespaces: Mapping[str, Mapping[str, str]],
+               trust_domain: str) -> PodFacts:
+    f = Fields(doc.body)
+    return PodFacts(doc.label(), _pod(doc, namespaces, trust_domain),
+                    phase=f.text("status.phase", ""),
+                    created=timestamp(f.get("metadata.creationTimestamp"),
+                                      "metadata.creationTimestamp"),
+                    deleting=f.get("metadata.deletionTimestamp") not in (None, ""))
 
 
 def _pod(doc: _Doc, namespaces: Mapping[str, Mapping[str, str]], trust_domain: str) -> Workload:
@@ -286,17 +307,29 @@ def parse_documents(docs: Iterable[object], *, source: str,
     services: list[Service] = []
     slices: list[_Slice] = []
     unique = _Unique()
+    pods: list[PodFacts] = []
+    for doc in (d for d in objects if d.kind == "Pod"):
+        try:
+            facts = _pod_facts(doc, namespaces, trust_domain)
+        except FieldError as bad:
+            errors.append(f"{doc.label()}: {bad}")
+            continue
+        if not facts.gone:
+            pods.append(facts)
+    for facts in resolve_shared_ips(pods, errors):
+        pod = facts.workload
+        try:
+            # Pod IPs and Service VIPs share one scope: the proxy looks both up
+            # by destination address, so an overlap would make one unreachable.
+            unique.claim(facts.label, [("address", "status.podIP", pod.ip),
+                                             ("uid", "metadata.uid", pod.uid),
+                                             ("pod", "metadata.name", pod.key)])
+            workloads.append(pod)
+        except FieldError as bad:
+            errors.append(f"{facts.label}: {bad}")
     for doc in objects:
         try:
-            if doc.kind == "Pod":
-                pod = _pod(doc, namespaces, trust_domain)
-                # Pod IPs and Service VIPs share one scope: the proxy looks both up
-                # by destination address, so an overlap would make one unreachable.
-                unique.claim(doc.label(), [("address", "status.podIP", pod.ip),
-                                           ("uid", "metadata.uid", pod.uid),
-                                           ("pod", "metadata.name", pod.key)])
-                workloads.append(pod)
-            elif doc.kind == "Service":
+            if doc.kind == "Service":
                 svc = _service(doc)
                 unique.claim(doc.label(), [("address", "spec.clusterIP", svc.vip),
                                            ("service", "metadata.name", svc.key)])

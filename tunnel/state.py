@@ -100,7 +100,13 @@ class MeshState:
     _endpoints: Mapping[str, tuple[Workload, ...]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        by_ip = {w.ip: w for w in self.workloads if w.ip}
+        # The first workload with an IP keeps it: the sources already resolve a
+        # shared IP (nodeagent/objects.py), and a dict comprehension would let the
+        # last one silently take it instead.
+        by_ip: dict[str, Workload] = {}
+        for w in self.workloads:
+            if w.ip:
+                by_ip.setdefault(w.ip, w)
         by_vip = {s.vip: s for s in self.services if s.vip}
         endpoints = {s.key: _select(s, self.workloads) if s.endpoint_ips is None
                      else _listed(s.endpoint_ips, by_ip) for s in self.services}

@@ -156,3 +156,35 @@ def test_review_outcome_rules() -> None:
     with pytest.raises(AuthenticationFailed, match="rejected"):
         review_outcome({"authenticated": False, "error": "expired"}, username=AGENT,
                        audience="trellis-ca")
+
+
+def test_a_finished_pod_gives_its_node_no_certificate(tmp_path: Path) -> None:
+    """Placements come from pods that run: once the API server says a pod Succeeded,
+    its node may no longer get its identity (the IP and the slot may be reused)."""
+    batch = Identity.of("demo", "batch")
+
+    async def scenario(server: CaServer, ca: CertificateAuthority, api: FakeApiServer) -> None:
+        job = pod("batch-1", "10.1.0.12", node="node-1", sa="batch")
+        job["status"]["phase"] = "Running"
+        await api.apply(PODS, job)
+        deadline = asyncio.get_running_loop().time() + 5
+        while True:  # the control: while it runs, its node gets its identity
+            try:
+                assert (await ask(server, ca, "agent-node-1", batch)).identity == batch
+                break
+            except CertificateRequestFailed:
+                assert asyncio.get_running_loop().time() < deadline, "the pod never arrived"
+                await asyncio.sleep(0.05)
+        job["status"]["phase"] = "Succeeded"
+        await api.apply(PODS, job)
+        deadline = asyncio.get_running_loop().time() + 5
+        while True:
+            try:
+                await ask(server, ca, "agent-node-1", batch)
+            except CertificateRequestFailed as failure:
+                assert failure.status == 403
+                break
+            assert asyncio.get_running_loop().time() < deadline, "still signed after Succeeded"
+            await asyncio.sleep(0.1)  # well inside the CA's per-source rate limit
+
+    run(tmp_path, scenario)

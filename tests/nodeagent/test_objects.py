@@ -138,13 +138,67 @@ def test_duplicates_are_reported_on_the_later_object() -> None:
                  service("s3", vip="198.18.0.1"))
     assert snap.errors == (
         "Namespace demo: metadata.name: 'demo' is declared twice",
-        "Pod demo/b: status.podIP: '198.18.0.1' is already used by Pod demo/a",
+        "Pod demo/b: status.podIP: '198.18.0.1' is already used by Pod demo/a (kept: running "
+        "first, then newest, then smallest uid)",
         "Pod demo/a: metadata.uid: 'demo/a' is already used by Pod demo/a",
         "Service demo/s2: spec.clusterIP: '198.19.0.1' is already used by Service demo/s1",
         "Service demo/s3: spec.clusterIP: '198.18.0.1' is already used by Pod demo/a",
     )
     assert [w.name for w in snap.state.workloads] == ["a"]
     assert [s.name for s in snap.state.services] == ["s1"]
+
+
+def _phase(doc: dict[str, Any], phase: str, created: str = "",
+           deleting: bool = False) -> dict[str, Any]:
+    doc["status"]["phase"] = phase
+    if created:
+        doc["metadata"]["creationTimestamp"] = created
+    if deleting:
+        doc["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    return doc
+
+
+@pytest.mark.parametrize("phase", ["Succeeded", "Failed"])
+def test_a_finished_pod_is_left_out_and_its_ip_goes_to_the_new_pod(phase: str) -> None:
+    """The IP-reuse attack: a finished pod still listed with the IP a new pod got must
+    not decide who answers there, whichever of the two the source lists first."""
+    old = _phase(pod("old", ip="198.18.0.7", labels={MODE: "ambient"}), phase,
+                 "2026-01-01T00:00:00Z")
+    new = _phase(pod("new", ip="198.18.0.7"), "Pending", "2025-01-01T00:00:00Z")
+    for docs in ((old, new), (new, old)):
+        snap = parse(*docs)
+        assert snap.errors == ()
+        assert [w.name for w in snap.state.workloads] == ["new"]
+        found = snap.state.workload_by_ip("198.18.0.7")
+        assert found is not None and found.service_account == "sa-new"
+    # The control: the same pod while still running is kept (and wins the IP).
+    snap = parse(_phase(pod("old", ip="198.18.0.7"), "Running"), new)
+    assert [w.name for w in snap.state.workloads] == ["old"]
+
+
+def test_a_pod_being_deleted_is_kept_only_while_it_has_an_ip() -> None:
+    snap = parse(_phase(pod("going", ip=None), "Running", deleting=True),
+                 _phase(pod("draining", ip="198.18.0.8"), "Running", deleting=True))
+    assert snap.errors == ()
+    assert [w.name for w in snap.state.workloads] == ["draining"]
+
+
+def test_a_shared_ip_goes_to_the_running_then_newest_pod_in_any_order() -> None:
+    older = _phase(pod("older", ip="198.18.0.9"), "Running", "2026-01-01T00:00:00Z")
+    newer = _phase(pod("newer", ip="198.18.0.9"), "Running", "2026-02-01T00:00:00+00:00")
+    pending = _phase(pod("pending", ip="198.18.0.9"), "Pending", "2026-03-01T00:00:00Z")
+    for docs in ((older, newer, pending), (pending, newer, older), (newer, pending, older)):
+        snap = parse(*docs)
+        assert [w.name for w in snap.state.workloads] == ["newer"]
+        assert sorted(e.split(":")[0] for e in snap.errors) == ["Pod demo/older",
+                                                                "Pod demo/pending"]
+        assert all("already used by Pod demo/newer" in e for e in snap.errors)
+
+
+def test_a_bad_creation_timestamp_names_the_field() -> None:
+    snap = parse(_phase(pod("x"), "Running", "yesterday"))
+    assert snap.errors == ("Pod demo/x: metadata.creationTimestamp: 'yesterday' is not an "
+                           "RFC 3339 time",)
 
 
 def test_a_rejected_pod_reserves_nothing() -> None:
