@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -19,7 +20,7 @@ from nodeagent.cni.protocol import (
     parse_call,
     parse_reply,
 )
-from nodeagent.cni_server import Decision, decide
+from nodeagent.cni_server import MAX_APPLIED, CniServer, Decision, decide
 from tunnel.state import AMBIENT, DATAPLANE_LABEL, MeshState, Workload
 
 pytestmark = pytest.mark.unit
@@ -196,3 +197,30 @@ _REQ = PodRequest("add", "c0ffee", "/run/netns/x", "10.0.0.1", "demo", "web-1", 
 ])
 def test_decide(state: MeshState | None, verdict: Decision) -> None:
     assert decide(state, _REQ)[0] is verdict
+
+
+
+class _NoRules:
+    name = "none"
+
+    def apply(self, pod: object) -> None:
+        pass
+
+    def remove(self, pod: object) -> None:
+        pass
+
+
+def test_the_pods_add_redirected_are_remembered_until_del_within_a_bound(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    state = MeshState(namespace_labels={"demo": {DATAPLANE_LABEL: AMBIENT}})
+    server = CniServer(tmp_path / "cni.sock", _NoRules(), lambda: state)
+
+    async def calls() -> None:
+        for i in range(MAX_APPLIED + 10):
+            await server.handle(PodRequest("add", f"c-{i}", "/run/netns/x", "10.0.0.1", "demo",
+                                           f"p-{i}", f"u-{i}"))
+        await server.handle(PodRequest("del", f"c-{MAX_APPLIED + 9}", "", "", "demo", "p", ""))
+
+    asyncio.run(calls())
+    uids = [n.uid for n in server.applied()]
+    assert len(uids) == MAX_APPLIED - 1 and uids[0] == "u-10"
+    assert uids[-1] == f"u-{MAX_APPLIED + 8}"
