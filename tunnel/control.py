@@ -96,7 +96,9 @@ def encode(message: Message) -> bytes:
 def decode(data: bytes) -> Message:
     try:
         body = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:
+        # ValueError: bad UTF-8 or JSON, and an integer longer than Python converts
+        # (4300 digits); RecursionError: nesting deeper than the stack.
         raise ControlError(f"control message: not JSON ({exc})") from None
     if not isinstance(body, dict):
         raise ControlError("control message: not a JSON object")

@@ -75,3 +75,15 @@ def test_replay_marks_stale_only_what_was_not_named_since_hello() -> None:
     assert not replay.complete
     assert replay.stale(["a", "b", "c"]) == ["b", "c"]
     assert replay.complete
+
+
+@pytest.mark.parametrize("data", [
+    b"[" * 100_000,
+    b'{"type": "hello", "node": "n", "version": ' + b"1" * 5000 + b"}",
+], ids=["nested-deeper-than-the-stack", "integer-over-the-conversion-limit"])
+def test_json_the_decoder_cannot_take_is_refused_as_not_json(data: bytes) -> None:
+    # Found reviewing tests/fuzz/fuzz_control.py: json.loads raises RecursionError for
+    # deep nesting and a bare ValueError for an integer of over 4300 digits, and both
+    # escaped decode(), so the control server's `except ControlError` did not catch them.
+    with pytest.raises(ControlError, match="control message: not JSON"):
+        decode(data)
