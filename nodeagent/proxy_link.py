@@ -15,7 +15,6 @@ import contextlib
 import logging
 import os
 import socket
-import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -33,6 +32,7 @@ from tunnel.control import (
 )
 from tunnel.proxy import Proxy
 from tunnel.state import Workload
+from tunnel.unix_socket import default_allowed_uids, peer_credentials, peer_refusal
 
 _log = logging.getLogger("trellis.nodeagent")
 
@@ -117,6 +117,12 @@ class RemoteProxy:
                     sock.close()
                     raise ProxyUnavailable(
                         exc.errno, f"proxy control socket {self.path}: {exc.strerror}") from exc
+                # The agent hands this peer pod namespaces: it must be the proxy
+                # (root, or our own uid), not whoever bound the path first.
+                refusal = peer_refusal(sock, default_allowed_uids())
+                if refusal is not None:
+                    sock.close()
+                    raise ProxyUnavailable(f"proxy control socket {self.path}: {refusal}")
                 self._sock = sock
                 await self._request(Hello(self._node))
                 self._follow_peer(sock)
@@ -128,8 +134,7 @@ class RemoteProxy:
     def _follow_peer(self, sock: socket.socket) -> None:
         if self._on_connect is None:
             return
-        pid, _uid, _gid = struct.unpack("=iII", sock.getsockopt(
-            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("=iII")))
+        pid = peer_credentials(sock).pid
         try:
             if pid <= 0:  # another pid namespace: the proxy must share the agent's
                 raise OSError("the proxy's pid is not visible from the agent's pid namespace")

@@ -24,7 +24,7 @@ async def run_proxy(config: AgentConfig) -> None:
     assert config.control_socket is not None  # AgentConfig requires it for role "proxy"
     _log.info("node proxy starting", extra={"fields": config.as_log_fields()})
     stack = ProxyStack.build(config)
-    control = ControlServer(config.control_socket, stack.proxy)
+    control = ControlServer(config.control_socket, stack.proxy, registry=stack.metrics.registry)
 
     def not_ready() -> str | None:
         if not stack.feed.synced:

@@ -1,7 +1,10 @@
 """The proxy's end of the control socket (tunnel/control.py has the protocol).
 
 One agent at a time: a new connection replaces the old one, as a restarted
-agent's does. When the agent goes away the proxy changes nothing; it goes on
+agent's does. The socket is 0600 from its first moment and takes only peers
+whose uid (``SO_PEERCRED``) is root's or the configured one
+(tunnel/unix_socket.py): whoever holds it can make the proxy serve any
+identity in any namespace. When the agent goes away the proxy changes nothing; it goes on
 serving every pod it has until the next agent's replay says otherwise.
 """
 
@@ -13,9 +16,11 @@ import fcntl
 import logging
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any, Protocol
+
+from prometheus_client import CollectorRegistry, Counter
 
 from tunnel import tasks
 from tunnel.control import (
@@ -32,6 +37,7 @@ from tunnel.control import (
 )
 from tunnel.netns import CLONE_NEWNET, NetnsHandle
 from tunnel.state import Workload
+from tunnel.unix_socket import bind_private_unix_socket, default_allowed_uids, peer_refusal
 
 _log = logging.getLogger("trellis.tunnel.control")
 # One namespace fd per add_pod; room for a few more so that a confused sender's
@@ -52,9 +58,18 @@ class ServesPods(Protocol):
 
 
 class ControlServer:
-    def __init__(self, path: Path, proxy: ServesPods) -> None:
+    def __init__(self, path: Path, proxy: ServesPods, *,
+                 allowed_uids: Collection[int] | None = None,
+                 registry: CollectorRegistry | None = None) -> None:
         self.path = path
         self._proxy = proxy
+        self._allowed_uids = frozenset(allowed_uids if allowed_uids is not None
+                                       else default_allowed_uids())
+        self.refused_peers = Counter(
+            "trellis_control_peers_refused", "Connections to the control socket refused "
+            "because the peer's uid (SO_PEERCRED) is not allowed",
+            registry=registry if registry is not None else CollectorRegistry())
+        self._refused = 0  # for the log's rate limit
         self._listener: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
         self._session: asyncio.Task[None] | None = None
@@ -66,19 +81,7 @@ class ControlServer:
 
     async def start(self) -> None:
         """Listen on ``path`` (a stale socket file from a killed proxy is replaced)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            sock.bind(str(self.path))
-            # The socket hands out the power to serve any identity: root only.
-            os.chmod(self.path, 0o600)
-            sock.listen(4)
-            sock.setblocking(False)
-        except OSError:
-            sock.close()
-            raise
+        sock = bind_private_unix_socket(self.path, socket.SOCK_SEQPACKET, backlog=4)
         self._listener = sock
         self._accepting = tasks.spawn(self._accept(sock), name="control accept")
         _log.info("control socket listening", extra={"fields": {"path": str(self.path)}})
@@ -100,6 +103,15 @@ class ControlServer:
         loop = asyncio.get_running_loop()
         while True:
             conn, _ = await loop.sock_accept(listener)
+            refusal = peer_refusal(conn, self._allowed_uids)
+            if refusal is not None:
+                conn.close()  # before reading a byte: the session in place stays
+                self.refused_peers.inc()
+                self._refused += 1
+                if self._refused == 1 or self._refused % 100 == 0:  # first, then every 100th
+                    _log.warning("control connection refused", extra={"fields": {
+                        "reason": refusal, "refused_total": self._refused}})
+                continue
             conn.setblocking(False)
             if self._session is not None:
                 _log.info("a new agent connected: closing the previous connection")
