@@ -3,9 +3,12 @@
     POST /v1/sign   Authorization: Bearer <node token>   {"csr": "<PEM>"}
         200 {"certificate_chain": ["<leaf PEM>"], "root": "<root PEM>"}
         400 malformed request or CSR    401 unknown node    403 refused by policy
-        413 too large
+        413 too large    429 over a rate or concurrency limit (Retry-After)
     GET /healthz    200 ok
-    GET /metrics    Prometheus text
+
+    GET /metrics    Prometheus text: on the separate, plain-HTTP monitoring
+                    listener only (``metrics_handle``), as istiod keeps its
+                    15014 apart from the CA's 15012; never on the API port
 
 Every signing decision is counted and logged here, in one place, so the log,
 the metric label and the HTTP status can never disagree.
@@ -28,6 +31,7 @@ from prometheus_client import (
 )
 
 from identity.ca import CertificateAuthority, RefusalKind, SigningRefused, WorkloadRegistry
+from identity.ca_limits import LimitReason, Refused
 from identity.certs import identity_of_peer, load_pem_chain, split_pem_chain
 from identity.http1 import HttpError, Request
 from identity.node_auth import AuthenticationFailed, NodeAuthenticator
@@ -59,6 +63,12 @@ class CaMetrics:
             registry=self.registry)
         for result in RESULTS:  # export zeros, so rate() works from the first scrape
             self.csr_total.labels(result=result)
+        self.limited = Counter(
+            "trellis_ca_sign_limited", "Signing requests refused with 429 before any "
+            "authentication, by the limit that refused them.", ["reason"],
+            registry=self.registry)
+        for reason in LimitReason:
+            self.limited.labels(reason=reason.value)
 
 
 class CaApi:
@@ -78,11 +88,24 @@ class CaApi:
             return self._sign(request, peer)
         if route == ("GET", "/healthz"):
             return ApiResponse(200, b"ok\n", "text/plain")
-        if route == ("GET", "/metrics"):
-            return ApiResponse(200, generate_latest(self._metrics.registry), CONTENT_TYPE_LATEST)
-        if request.target in (SIGN_PATH, "/healthz", "/metrics"):
+        if request.target in (SIGN_PATH, "/healthz"):
             return _error(405, f"{request.method} is not allowed on {request.target}")
         return _error(404, f"no such endpoint {request.target}")
+
+    def metrics_handle(self, request: Request) -> ApiResponse:
+        """The monitoring listener: ``GET /metrics`` and nothing else."""
+        if (request.method, request.target) == ("GET", "/metrics"):
+            return ApiResponse(200, generate_latest(self._metrics.registry), CONTENT_TYPE_LATEST)
+        if request.target == "/metrics":
+            return _error(405, f"{request.method} is not allowed on {request.target}")
+        return _error(404, f"no such endpoint {request.target}")
+
+    def limited(self, refused: Refused) -> ApiResponse:
+        """A signing request turned away by ``identity.ca_limits`` before any work."""
+        self._metrics.limited.labels(reason=refused.reason.value).inc()
+        # Not logged per request: a flood would flood the log too; the metric counts.
+        return _error(429, f"too many signing requests ({refused.reason.value}); retry later",
+                      (("Retry-After", str(refused.retry_after_s)),))
 
     def reject_unparsed(self, error: HttpError, target: str | None, peer: str) -> ApiResponse:
         """Answer a request the HTTP parser refused (too large, malformed)."""

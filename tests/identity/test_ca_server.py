@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import ssl
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
@@ -13,13 +12,12 @@ from typing import Any
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from identity_support import BACKEND, FRONTEND, StaticRegistry
+from identity_support import BACKEND, FRONTEND, StaticRegistry, raw, scrape
 
 from identity.ca import CertificateAuthority
 from identity.ca_client import CertificateRequestFailed, request_certificate
 from identity.ca_server import CaServer, CaServerConfig, serve_ca
 from identity.certs import build_csr, generate_key
-from identity.http1 import Response, parse_response, render_request
 from identity.node_auth import StaticTokenAuthenticator, token_digest
 from identity.spiffe import Identity
 
@@ -34,7 +32,7 @@ def run_with_server(ca: CertificateAuthority, registry: StaticRegistry,
     async def main() -> None:
         authenticator = StaticTokenAuthenticator(
             {node: token_digest(token) for node, token in TOKENS.items()})
-        config = CaServerConfig(host="127.0.0.1", port=0, lifetime=LIFETIME)
+        config = CaServerConfig(host="127.0.0.1", port=0, lifetime=LIFETIME, metrics_port=0)
         async with await serve_ca(config, ca, registry, authenticator) as server:
             await scenario(server)
     asyncio.run(main())
@@ -45,19 +43,6 @@ async def ask(server: CaServer, ca: CertificateAuthority, node: str | None,
     return await request_certificate(
         ca_url=server.url, ca_root_pem=ca.root_pem,
         token=token if token is not None else TOKENS[node or ""], identity=identity)
-
-
-async def raw(server: CaServer, ca: CertificateAuthority, method: str, target: str,
-              body: bytes = b"", headers: tuple[tuple[str, str], ...] = ()) -> Response:
-    """One request with hand-made headers and body, over TLS verified against the root."""
-    context = ssl.create_default_context(cadata=ca.root_pem.decode())
-    reader, writer = await asyncio.open_connection(
-        "127.0.0.1", server.port, ssl=context, server_hostname="trellis-ca")
-    writer.write(render_request(method, target, host="trellis-ca", body=body, headers=headers))
-    await writer.drain()
-    data = await reader.read()
-    writer.close()
-    return parse_response(data)
 
 
 def _signed_json(csr: bytes) -> bytes:
@@ -82,7 +67,7 @@ def test_signs_for_the_node_that_runs_the_workload(
         assert bundle.leaf.public_key().public_numbers() == key.public_key().public_numbers()
         assert serialization.load_pem_private_key(bundle.key_pem, None).public_key() \
             .public_numbers() == key.public_key().public_numbers()  # type: ignore[union-attr]
-        metrics = (await raw(server, ca, "GET", "/metrics")).body.decode()
+        metrics = await scrape(server)
         assert 'trellis_ca_csr_total{result="signed"} 1.0' in metrics
         assert 'trellis_ca_csr_total{result="refused"} 0.0' in metrics
         assert "trellis_ca_cert_lifetime_seconds 7200.0" in metrics
@@ -174,7 +159,7 @@ def test_413_for_a_body_over_the_limit(ca: CertificateAuthority,
     async def scenario(server: CaServer) -> None:
         response = await raw(server, ca, "POST", "/v1/sign", b"x" * 70_000, _bearer("node-1"))
         assert response.status == 413
-        metrics = (await raw(server, ca, "GET", "/metrics")).body.decode()
+        metrics = await scrape(server)
         assert 'trellis_ca_csr_total{result="bad_request"} 1.0' in metrics
 
     run_with_server(ca, registry, scenario)
@@ -185,6 +170,9 @@ def test_healthz_and_unknown_routes(ca: CertificateAuthority, registry: StaticRe
         assert (await raw(server, ca, "GET", "/healthz")).status == 200
         assert (await raw(server, ca, "GET", "/v1/sign")).status == 405
         assert (await raw(server, ca, "GET", "/nope")).status == 404
+        # Metrics are not on the API port: only on the monitoring listener.
+        assert (await raw(server, ca, "GET", "/metrics")).status == 404
+        assert "trellis_ca_csr_total" in await scrape(server)
 
     run_with_server(ca, registry, scenario)
 
