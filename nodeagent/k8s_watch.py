@@ -96,8 +96,8 @@ class LineDecoder:
 def _event(line: bytes) -> dict[str, Any]:
     try:
         event = json.loads(line)
-    except ValueError as exc:
-        raise WatchFailed(f"watch stream is not JSON lines: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested past the stack
+        raise WatchFailed(f"watch stream is not JSON lines: {exc}") from None
     if not isinstance(event, dict) or not isinstance(event.get("object"), dict):
         raise WatchFailed("watch event without an object")
     return event

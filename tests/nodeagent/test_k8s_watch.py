@@ -46,6 +46,13 @@ def test_decoder_rejects_garbage() -> None:
         LineDecoder().feed(b'{"type": "ADDED"}\n')
 
 
+def test_a_line_nested_deeper_than_the_stack_fails_the_watch_not_the_reflector() -> None:
+    # Found reviewing tests/fuzz/fuzz_k8s_watch.py: json.loads raises RecursionError
+    # for deep nesting, which the reflector's `except WatchFailed` does not catch.
+    with pytest.raises(WatchFailed, match="not JSON lines"):
+        LineDecoder().feed(b'{"type": "ADDED", "object": ' + b"[" * 100_000 + b"\n")
+
+
 def test_store_applies_events_and_tracks_the_version() -> None:
     store = ObjectStore(PODS)
     store.replace({"metadata": {"resourceVersion": "10"}, "items": [
