@@ -67,6 +67,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     serve = ca_sub.add_parser("serve", help="serve the CA's HTTPS API")
     serve.add_argument("--state-dir", required=True, type=Path, help="holds the root key")
     serve.add_argument("--listen", default="127.0.0.1:15012", help="HOST:PORT")
+    serve.add_argument("--metrics", default="",
+                       help="HOST:PORT of a plain-HTTP listener serving /metrics and nothing "
+                            "else, apart from the API port as istiod's 15014 is; '' for none")
     serve.add_argument("--service", default="",
                        help="NAMESPACE/NAME of the CA's Service: clients verify the host "
                             "they dial, so its DNS names (NAME, NAME.NS, NAME.NS.svc, "
@@ -205,6 +208,7 @@ def _ca_serve(args: argparse.Namespace) -> int:
         host, port = parse_hostport(args.listen, "--listen")
         lifetime = parse_duration(args.cert_lifetime, "--cert-lifetime")
         server_names = _service_names(args.service, args.cluster_domain)
+        metrics = parse_hostport(args.metrics, "--metrics") if args.metrics else None
         if args.source == "file":
             for flag, value in (("--workloads", args.workloads),
                                 ("--node-tokens", args.node_tokens)):
@@ -213,7 +217,7 @@ def _ca_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _fail(str(exc))
     logging.getLogger().setLevel(args.log_level.upper())
-    return _run(_serve_ca(args, host, port, lifetime, server_names))
+    return _run(_serve_ca(args, host, port, lifetime, server_names, metrics))
 
 
 def _service_names(service: str, cluster_domain: str) -> tuple[str, ...]:
@@ -231,7 +235,7 @@ def _service_names(service: str, cluster_domain: str) -> tuple[str, ...]:
 
 
 async def _serve_ca(args: argparse.Namespace, host: str, port: int, lifetime: timedelta,
-                    server_names: tuple[str, ...]) -> None:
+                    server_names: tuple[str, ...], metrics: tuple[str, int] | None) -> None:
     from identity.ca import CertificateAuthority
     from identity.ca_server import CaServerConfig, serve_ca
     from identity.node_auth import NodeAuthenticator, StaticTokenAuthenticator
@@ -250,7 +254,9 @@ async def _serve_ca(args: argparse.Namespace, host: str, port: int, lifetime: ti
             FileSource(args.workloads, node="", trust_domain=args.trust_domain))
     server = await serve_ca(
         CaServerConfig(host=host, port=port, lifetime=lifetime, trust_domain=args.trust_domain,
-                       server_names=server_names),
+                       server_names=server_names,
+                       metrics_host=metrics[0] if metrics else "127.0.0.1",
+                       metrics_port=metrics[1] if metrics else None),
         ca, registry, authenticator)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
