@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from nodeagent.cni import spec
 from nodeagent.cni.install import BUILT_PLUGIN
@@ -116,3 +118,37 @@ def test_bad_input_is_one_cni_error_and_never_a_crash(plugin: Path, stdin: bytes
 def test_a_namespace_too_long_to_read_is_never_taken_as_none(plugin: Path) -> None:
     done = _run(plugin, _config(prevResult=PREV), namespace="n" * 300)
     assert json.loads(done.stdout)["code"] == spec.INVALID_ENVIRONMENT
+
+
+# -- the C JSON scanner against Python's json, on generated documents ----------------------
+
+_scalars = (st.none() | st.booleans() | st.integers(-2**63, 2**63)
+            | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12))
+_values = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4)
+                       | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=20)
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(prev=st.dictionaries(st.text(max_size=10), _values, max_size=6),
+       junk=st.dictionaries(st.sampled_from(["a", "plugins", "ipam", "x\\u0041"]), _values,
+                            max_size=3),
+       ascii_only=st.booleans(), indent=st.sampled_from([None, 0, 2]))
+def test_what_the_plugin_passes_on_is_what_json_reads(
+        plugin: Path, prev: dict[str, object], junk: dict[str, object], ascii_only: bool,
+        indent: int | None) -> None:
+    config = {**junk, "cniVersion": "1.0.0", "agentSocket": "/nonexistent/cni.sock",
+              "excludeNamespaces": ["kube-system"], "prevResult": prev}
+    stdin = json.dumps(config, ensure_ascii=ascii_only, indent=indent).encode()
+    done = _run(plugin, stdin)
+    assert done.returncode == 0, done.stdout
+    assert json.loads(done.stdout) == {**prev, "cniVersion": "1.0.0"}
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=300))
+def test_any_bytes_give_an_answer_and_never_a_crash(plugin: Path, data: bytes) -> None:
+    done = _run(plugin, b'{"cniVersion":"1.0.0","excludeNamespaces":["kube-system"],' + data)
+    if done.stdout:
+        json.loads(done.stdout)
