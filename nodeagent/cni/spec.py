@@ -111,7 +111,9 @@ def parse_cni_args(value: str) -> dict[str, str]:
 def _decode_config(stdin: bytes) -> dict[str, Any]:
     try:
         config = json.loads(stdin.decode("utf-8") or "null")
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    # ValueError: bad UTF-8 or JSON, and an integer longer than Python converts (4300
+    # digits); RecursionError: nesting deeper than the stack.
+    except (ValueError, RecursionError) as exc:
         raise CniError(DECODE_FAILURE, "network configuration on stdin is not JSON",
                        str(exc)) from None
     if not isinstance(config, dict):
@@ -198,9 +200,9 @@ def pod_ip(invocation: Invocation) -> str:
     """The pod's IPv4 address from ``prevResult``: prefer an address on an interface
     inside the sandbox (one with ``sandbox`` set), else the first IPv4 one."""
     prev = invocation.prev_result or {}
-    interfaces = prev.get("interfaces") or []
+    interfaces = _list_of(prev, "interfaces")
     candidates: list[tuple[bool, str]] = []
-    for entry in prev.get("ips") or []:
+    for entry in _list_of(prev, "ips"):
         if not isinstance(entry, dict) or not isinstance(entry.get("address"), str):
             continue
         try:
@@ -211,12 +213,25 @@ def pod_ip(invocation: Invocation) -> str:
         if iface.version != 4:
             continue
         index = entry.get("interface")
-        in_sandbox = (isinstance(index, int) and 0 <= index < len(interfaces)
-                      and bool((interfaces[index] or {}).get("sandbox")))
+        in_sandbox = False
+        if isinstance(index, int) and 0 <= index < len(interfaces):
+            interface = interfaces[index] or {}
+            if not isinstance(interface, dict):
+                raise CniError(INVALID_CONFIG, f"prevResult.interfaces[{index}]: not an object")
+            in_sandbox = bool(interface.get("sandbox"))
         candidates.append((in_sandbox, str(iface.ip)))
     if not candidates:
         raise CniError(INVALID_CONFIG, "prevResult.ips: no IPv4 address for the pod")
     return sorted(candidates, key=lambda c: not c[0])[0][1]
+
+
+def _list_of(prev: Mapping[str, Any], name: str) -> list[Any]:
+    value = prev.get(name)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise CniError(INVALID_CONFIG, f"prevResult.{name}: not a list")
+    return value
 
 
 def version_output(cni_version: str = "1.0.0") -> Output:

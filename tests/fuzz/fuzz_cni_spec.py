@@ -2,8 +2,9 @@
 
 Input: the environment as ``KEY=VALUE`` lines, an empty line, then stdin (the
 network configuration). Everything the plugin does before it dials the agent
-runs: parse the invocation, find the pod's IP in ``prevResult`` (ADD, CHECK),
-and print the result or the spec's error object.
+runs (the agent's CNI server does it now, on the call the plugin forwards): parse
+the invocation, see whether it passes without the agent, find the pod's IP in
+``prevResult`` (ADD, CHECK), and print the result or the spec's error object.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def one_input(data: bytes) -> None:
     env, stdin = _split(data)
     try:
         invocation = spec.parse_invocation(env, stdin)
+        spec.passes_without_agent(invocation)
         if invocation.command in ("ADD", "CHECK"):
             spec.pod_ip(invocation)
         output = spec.success_output(invocation)

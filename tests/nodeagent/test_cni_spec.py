@@ -101,6 +101,32 @@ def test_bad_input_is_one_cni_error_naming_the_field(env, stdin, code, names) ->
     assert names in err.msg
 
 
+@pytest.mark.parametrize("stdin", [b"[" * 100_000, b'{"cniVersion": "1.0.0", "mtu": '
+                                   + b"1" * 5000 + b"}"], ids=["deep", "long-integer"])
+def test_json_the_decoder_cannot_take_is_a_decode_failure(stdin: bytes) -> None:
+    # Found reviewing tests/fuzz/fuzz_cni_spec.py: RecursionError and the bare ValueError
+    # of an over-long integer escaped parse_invocation, so the agent's CNI server closed
+    # the call without an answer, and a traceback in its log, instead of a CNI error.
+    assert _error(spec.parse_invocation, ENV, stdin).code == spec.DECODE_FAILURE
+
+
+@pytest.mark.parametrize(("prev", "field"), [
+    ({"ips": 5}, "prevResult.ips"),
+    ({"ips": [{"address": "10.0.0.7/24", "interface": 0}], "interfaces": 5},
+     "prevResult.interfaces"),
+    ({"ips": [{"address": "10.0.0.7/24", "interface": 0}], "interfaces": ["eth0"]},
+     "prevResult.interfaces[0]"),
+], ids=["ips-not-a-list", "interfaces-not-a-list", "interface-not-an-object"])
+def test_prev_result_of_the_wrong_shape_is_an_invalid_config(prev: dict[str, object],
+                                                              field: str) -> None:
+    # Found reviewing tests/fuzz/fuzz_cni_spec.py: TypeError and AttributeError out of
+    # pod_ip, with the same effect as above.
+    inv = spec.parse_invocation(ENV, _config(prevResult={"cniVersion": "1.0.0", **prev}))
+    err = _error(spec.pod_ip, inv)
+    assert err.code == spec.INVALID_CONFIG
+    assert err.msg.startswith(field + ":"), err.msg
+
+
 def test_del_tolerates_a_missing_netns_and_prev_result() -> None:
     env = {k: v for k, v in ENV.items() if k != "CNI_NETNS"} | {"CNI_COMMAND": "DEL"}
     inv = spec.parse_invocation(env, json.dumps({"cniVersion": "1.0.0", "name": "n"}).encode())
