@@ -233,6 +233,10 @@ def test_non_default_values_render_and_validate(tmp_path: Path) -> None:
     assert agent.redirect == "ebpf"
     assert agent.cni_socket is None
     assert "install-cni" not in containers and "initContainers" not in pod["spec"]
+    # Without the plugin an uninstall still takes the pods' rules away.
+    assert {"name": "TRELLIS_OWNER_DAEMONSET", "value": "trellis-system/trellis-agent"} in (
+        containers["agent"]["env"])
+    assert ("Role", "trellis-agent") in docs
     assert (proxy.metrics, proxy.readiness) == ("0.0.0.0:9090", "0.0.0.0:9091")
     assert (agent.metrics, agent.readiness) == ("0.0.0.0:9092", "0.0.0.0:9093")
     assert pod["metadata"]["annotations"]["prometheus.io/port"] == "9090"
