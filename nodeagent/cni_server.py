@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import enum
 import logging
-import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -49,6 +48,7 @@ from nodeagent.iptables import render_jumps
 from nodeagent.redirect import PodNetwork, Redirector
 from tunnel import tasks
 from tunnel.state import AMBIENT, DATAPLANE_LABEL, MeshState
+from tunnel.unix_socket import bind_private_unix_socket, default_allowed_uids, peer_refusal
 
 _log = logging.getLogger("trellis.nodeagent.cni")
 READ_TIMEOUT_S = 5.0
@@ -112,15 +112,15 @@ class CniServer:
         # The previous agent's verdicts, for the time before our first snapshot.
         self._inherited: dict[str, fallback.Fallback] = {}
         self._applied: dict[str, PodNetwork] = {}  # container id → what ADD redirected
+        self.refused_peers = 0  # connections whose SO_PEERCRED uid was not allowed
 
     async def start(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()  # a socket left by a previous agent
         self._inherited = fallback.read(self.fallback_path)
-        self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
-        # Only root (the runtime) may ask us to rewrite a namespace's rules.
-        os.chmod(self.path, 0o600)
+        # Only root (the runtime) may ask us to rewrite a namespace's rules: the socket
+        # is 0600 from its first moment (it replaces one a previous agent left), and
+        # _serve checks each peer's uid as well (tunnel/unix_socket.py).
+        sock = bind_private_unix_socket(self.path)
+        self._server = await asyncio.start_unix_server(self._serve, sock=sock)
         self._publisher = tasks.spawn(self._publish_fallback(), name="cni fallback verdicts")
         _log.info("cni socket listening", extra={"fields": {"path": str(self.path)}})
 
@@ -155,6 +155,14 @@ class CniServer:
             await asyncio.sleep(FALLBACK_INTERVAL_S)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        refusal = peer_refusal(writer.get_extra_info("socket"), default_allowed_uids())
+        if refusal is not None:
+            self.refused_peers += 1
+            if self.refused_peers == 1 or self.refused_peers % 100 == 0:  # rate-limited
+                _log.warning("cni connection refused", extra={"fields": {
+                    "reason": refusal, "refused_total": self.refused_peers}})
+            writer.close()
+            return
         try:
             call = await asyncio.wait_for(_read_call(reader), READ_TIMEOUT_S)
             output = await self.answer(call)
