@@ -28,7 +28,8 @@ DATA frames, the whole byte volume of a tunnel, are handled here:
 
 Settings (ztunnel's values where they suit a Python receiver)
 -------------------------------------------------------------
-* 100 concurrent streams per connection; the pool opens another connection
+* 100 concurrent streams per connection by default (`max_streams`, from
+  ProxyConfig.max_streams_per_connection); the pool opens another connection
   past that.
 * Stream window 4 MiB, connection window 16 MiB (the connection's is raised by
   a WINDOW_UPDATE right after the preface). A consumer that stops reading
@@ -40,6 +41,19 @@ Settings (ztunnel's values where they suit a Python receiver)
   for one loopback stream through both relays in one process.
 * Window updates go out once a quarter of a window has been consumed.
 
+Abuse (issue 10)
+----------------
+* Floods of frames that make us answer (PING, SETTINGS, frames that earn a
+  RST_STREAM: CVE-2019-9512/9514/9515): the answers queued while the adapter's
+  output has not drained are counted (`output_drained` resets the count); past
+  `MAX_UNSENT_ANSWERS` bytes the peer gets GOAWAY ENHANCE_YOUR_CALM.
+* Rapid reset (CVE-2023-44487): a stream the peer resets before we answered it,
+  or a CONNECT we refuse (400), is *premature*; once more than
+  `RAPID_RESET_MIN` are, and they outnumber half the CONNECTs that reached a
+  handler, GOAWAY ENHANCE_YOUR_CALM. A refused CONNECT no longer dilutes the ratio.
+* A stream reset in the same read as its HEADERS never becomes a request (h2 has
+  already dropped it); it counts as premature.
+
 Known h2 limitation: h2 closes its state machine on *any* GOAWAY (h2 issue
 #1181), although RFC 9113 §6.8 lets streams at or below the GOAWAY's last
 stream ID finish. We put the state machine back to open after a graceful
@@ -48,6 +62,7 @@ stream ID finish. We put the state machine back to open after a graceful
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import struct
 from collections import deque
@@ -71,13 +86,20 @@ MAX_FRAME_SIZE = 64 * 1024
 SEND_FRAME_SIZE = 64 * 1024
 _DEFAULT_WINDOW = 65_535
 _UPDATE_FRACTION = 4
+# Answers (ACKs, RST_STREAMs, refusals) the peer made us queue while our output
+# has not drained: about 1,000 PING ACKs, Envoy's max_outbound_control_frames.
+MAX_UNSENT_ANSWERS = 16 * 1024
+# Control frames go to h2 in batches of about this size, so the answer count is
+# checked that often (one 256 KiB read of PINGs would otherwise queue 256 KiB of
+# ACKs before the first check).
+_H2_BATCH = 16 * 1024
 # The output buffer: its first allocation, and the size past which it counts as a
 # burst's (a busy stream's steady state, one 256 KiB read framed, stays below).
 _OUTPUT_MIN = 16 * 1024
 _OUTPUT_BURST = 2 * 1024 * 1024
 # Rapid reset (CVE-2023-44487): a peer that cancels most of the streams it opens
 # before we answer them gets a GOAWAY ENHANCE_YOUR_CALM.
-_RAPID_RESET_MIN = 200
+RAPID_RESET_MIN = 200
 
 _PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 # 24-bit length (as 8 + 16 bits), type, flags, 31-bit stream id.
@@ -90,6 +112,14 @@ _STREAM_ID_MASK = 0x7FFF_FFFF
 
 # --------------------------------------------------------------------- errors
 
+class PeerFault(enum.Enum):
+    """Why we ended a connection the peer abused; the values are metric labels."""
+
+    PROTOCOL = "protocol_error"    # broke HTTP/2
+    FLOOD = "control_flood"        # made us queue answers it never read
+    RAPID_RESET = "rapid_reset"    # reset or botched most of the streams it opened
+
+
 class HboneError(Exception):
     """Base of every HBONE protocol error; `error_code` is the HTTP/2 code for the wire."""
 
@@ -99,7 +129,13 @@ class HboneError(Exception):
 
 
 class RemoteProtocolError(HboneError):
-    """The peer broke HTTP/2. A GOAWAY is queued: send it, then close the connection."""
+    """The peer broke HTTP/2 or abused it (`fault`). A GOAWAY is queued: send it, then
+    close the connection."""
+
+    def __init__(self, message: str, error_code: int = ErrorCodes.PROTOCOL_ERROR,
+                 fault: PeerFault = PeerFault.PROTOCOL) -> None:
+        super().__init__(message, error_code)
+        self.fault = fault
 
 
 class LocalProtocolError(HboneError):
@@ -107,7 +143,7 @@ class LocalProtocolError(HboneError):
 
 
 class StreamLimitReached(LocalProtocolError):
-    """No free stream slot on this connection (100, or fewer if the peer says so)."""
+    """No free stream slot on this connection (`max_streams`, or fewer if the peer says so)."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message, ErrorCodes.REFUSED_STREAM)
@@ -144,7 +180,8 @@ class StreamAccepted:
 
 @dataclass(frozen=True, slots=True)
 class StreamRejected:
-    """Client: the peer answered `status` (not 2xx); the stream is finished."""
+    """Client: the peer answered `status` (not 2xx); the stream is finished. `status` is
+    0 for a malformed answer (no three-digit :status, or 101), which we reset."""
 
     stream_id: int
     status: int
@@ -288,11 +325,14 @@ class _HboneProtocol:
 
     _client_side: ClassVar[bool]
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_streams: int = MAX_CONCURRENT_STREAMS) -> None:
+        if not 1 <= max_streams <= 2**31 - 1:
+            raise ValueError(f"max_streams must be >= 1, got {max_streams}")
+        self._max_streams = max_streams
         config = h2.config.H2Configuration(client_side=self._client_side, header_encoding=None)
         self._h2 = h2.connection.H2Connection(config)
         self._h2.local_settings = h2.settings.Settings(client=self._client_side, initial_values={
-            SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
+            SettingCodes.MAX_CONCURRENT_STREAMS: max_streams,
             SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
             SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
             SettingCodes.MAX_HEADER_LIST_SIZE: 64 * 1024,
@@ -307,6 +347,9 @@ class _HboneProtocol:
         self._terminated = False
         self._goaway_received = False
         self._peer_settings_received = False
+        # Answers the peer's frames made us queue since our output last drained.
+        self._unsent_answers = 0
+        self._answering = False              # inside _feed_h2: h2's output is an answer
         # Inbound flow control (ours alone, see the module docstring).
         self._recv_window = CONNECTION_WINDOW
         self._conn_pending_update = 0
@@ -419,6 +462,10 @@ class _HboneProtocol:
                 stream.recv_window += stream.pending_update
                 stream.pending_update = 0
 
+    def output_drained(self) -> None:
+        """The adapter's output queue is empty: the peer reads what we answer."""
+        self._unsent_answers = 0
+
     def close_connection(self, error_code: int = ErrorCodes.NO_ERROR, reason: str = "") -> None:
         """Queue a GOAWAY; after sending it the caller closes the transport."""
         if self._terminated:
@@ -488,6 +535,8 @@ class _HboneProtocol:
             self._feed_h2()  # earlier control frames first: they may open or end the stream
             self._begin_data(length, flags, stream_id)
             return
+        if len(self._h2_in) >= _H2_BATCH:
+            self._feed_h2()  # at a frame boundary: everything in _h2_in is whole frames
         if frame_type in (_HEADERS, _PUSH_PROMISE):
             self._in_header_block = not flags & _END_HEADERS
         elif frame_type == _CONTINUATION and flags & _END_HEADERS:
@@ -568,18 +617,27 @@ class _HboneProtocol:
             return
         data = self._h2_in
         self._h2_in = bytearray()
-        h2_events = self._h2.receive_data(data)
-        self._pull_h2()
-        for event in h2_events:
-            handler = self._H2_HANDLERS.get(type(event))
-            if handler is not None:
-                handler(self, event)
+        self._answering = True
+        try:
+            h2_events = self._h2.receive_data(data)
+            self._pull_h2()
+            for event in h2_events:
+                handler = self._H2_HANDLERS.get(type(event))
+                if handler is not None:
+                    handler(self, event)
+        finally:
+            self._answering = False
+        if self._unsent_answers > MAX_UNSENT_ANSWERS:
+            self._connection_error(
+                ErrorCodes.ENHANCE_YOUR_CALM,
+                f"{self._unsent_answers} bytes of answers queued and not read", PeerFault.FLOOD)
 
-    def _connection_error(self, error_code: int, message: str) -> None:
+    def _connection_error(self, error_code: int, message: str,
+                          fault: PeerFault = PeerFault.PROTOCOL) -> None:
         self._terminated = True
         self._h2.close_connection(error_code, message.encode())
         self._pull_h2()
-        raise RemoteProtocolError(message, error_code)
+        raise RemoteProtocolError(message, error_code, fault)
 
     # ---------------------------------------------------- h2 event handlers
 
@@ -728,6 +786,8 @@ class _HboneProtocol:
         pending = self._h2.data_to_send()
         if pending:
             self._out.append(pending)
+            if self._answering:
+                self._unsent_answers += len(pending)
 
     def _maybe_forget(self, stream: _Stream) -> None:
         if stream.local_ended and stream.remote_ended:
@@ -768,6 +828,14 @@ _HboneProtocol._H2_HANDLERS = {
 }
 
 
+def _parse_status(text: str) -> int | None:
+    """RFC 9110 §15: exactly three ASCII digits, 100..599 (``str.isdigit`` also takes
+    '²' and '٣', which ``int`` then refuses)."""
+    if len(text) == 3 and text.isascii() and text.isdigit() and 100 <= int(text) <= 599:
+        return int(text)
+    return None
+
+
 def _decode_headers(raw: list[tuple[bytes, bytes]]) -> tuple[dict[str, str],
                                                              tuple[tuple[str, str], ...]]:
     """Split h2's byte headers into pseudo-headers and ordinary ones (latin-1 never fails)."""
@@ -792,40 +860,76 @@ class HboneClientProtocol(_HboneProtocol):
         """How many more streams may be opened now (0 once the peer sent GOAWAY)."""
         if self._terminated or self._goaway_received:
             return 0
-        limit = min(MAX_CONCURRENT_STREAMS, self._h2.remote_settings.max_concurrent_streams)
+        limit = min(self._max_streams, self._h2.remote_settings.max_concurrent_streams)
         return max(0, limit - self._h2.open_outbound_streams)
+
+    def limit_streams(self, max_streams: int) -> None:
+        """Open at most `max_streams` at once from now on (the pool's per-connection cap)."""
+        if max_streams < 1:
+            raise ValueError(f"max_streams must be >= 1, got {max_streams}")
+        self._max_streams = max_streams
 
     def open_stream(self, authority: str, extra_headers: list[tuple[str, str]]) -> int:
         """Send ``CONNECT authority`` (RFC 9113 §8.5: no :scheme, no :path); returns the id."""
         if self.available_streams <= 0:
             raise StreamLimitReached(
                 "connection is going away" if self._goaway_received or self._terminated
-                else f"all {MAX_CONCURRENT_STREAMS} stream slots are in use")
+                else f"all {self.available_streams_limit} stream slots are in use")
         stream_id = self._h2.get_next_available_stream_id()
         headers = [(":method", "CONNECT"), (":authority", authority), *extra_headers]
         self._h2_call("open_stream", self._h2.send_headers, stream_id, headers)
         self._streams[stream_id] = _Stream(stream_id, "opening", self._h2.streams[stream_id])
         return stream_id
 
+    @property
+    def available_streams_limit(self) -> int:
+        return min(self._max_streams, self._h2.remote_settings.max_concurrent_streams)
+
     def _on_response(self, event: h2.events.ResponseReceived) -> None:
         stream = self._streams.get(event.stream_id)
         if stream is None or stream.state != "opening":
             return
         pseudo, headers = _decode_headers(event.headers or [])
-        status = pseudo.get(":status", "")
-        if status.isdigit() and 200 <= int(status) < 300:
+        status = _parse_status(pseudo.get(":status", ""))
+        if status is None:
+            self._malformed_response(stream)
+            return
+        if 200 <= status < 300:
             stream.state = "open"
             stream.receiving = stream.sending = True
             self._events.append(StreamAccepted(stream.id, headers))
             return
         stream.state = "rejected"
-        self._events.append(StreamRejected(stream.id, int(status) if status.isdigit() else 0))
+        self._events.append(StreamRejected(stream.id, status))
         # Close our half too, so the stream frees its slot on both sides.
         self._send_end_stream(stream)
+
+    def _on_informational(self, event: h2.events.InformationalResponseReceived) -> None:
+        """RFC 9110 §15.2: a 1xx is interim and the final answer follows (the adapter
+        bounds the wait). RFC 9113 §8.6: HTTP/2 has no 101, so that one is malformed."""
+        stream = self._streams.get(event.stream_id)
+        if stream is None or stream.state != "opening":
+            return
+        pseudo, _ = _decode_headers(event.headers or [])
+        status = _parse_status(pseudo.get(":status", ""))
+        if status is None or status == 101:
+            self._malformed_response(stream)
+
+    def _malformed_response(self, stream: _Stream) -> None:
+        """RFC 9113 §8.1.1: a malformed response is a stream error (PROTOCOL_ERROR)."""
+        stream.state = "rejected"
+        self._events.append(StreamRejected(stream.id, 0))
+        try:
+            self._h2.reset_stream(stream.id, ErrorCodes.PROTOCOL_ERROR)
+        except h2.exceptions.StreamClosedError:
+            pass
+        self._pull_h2()
+        self._forget(stream)
 
     _H2_HANDLERS: ClassVar[dict[type, Callable[..., None]]] = {
         **_HboneProtocol._H2_HANDLERS,
         h2.events.ResponseReceived: _on_response,
+        h2.events.InformationalResponseReceived: _on_informational,
     }
 
 
@@ -834,11 +938,11 @@ class HboneServerProtocol(_HboneProtocol):
 
     _client_side = False
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, *, max_streams: int = MAX_CONCURRENT_STREAMS) -> None:
+        super().__init__(max_streams=max_streams)
         self._draining = False
-        self._requested = 0
-        self._early_resets = 0
+        self._handled = 0       # CONNECTs that reached the handler (ConnectRequested)
+        self._premature = 0     # reset before our answer, or refused as malformed (400)
 
     def accept(self, stream_id: int, headers: list[tuple[str, str]] | tuple[()] = ()) -> None:
         """Answer ``200``: the tunnel is open; DATA may flow both ways."""
@@ -883,13 +987,18 @@ class HboneServerProtocol(_HboneProtocol):
 
     def _on_request(self, event: h2.events.RequestReceived) -> None:
         stream_id = event.stream_id
+        h2_stream = self._h2.streams.get(stream_id)
+        if h2_stream is None or h2_stream.closed:
+            # Reset in the very read that opened it: h2 has closed (or already
+            # dropped) the stream, and its StreamReset follows. Never a request.
+            self._count_premature()
+            return
         if self._draining:
             self._h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
             self._pull_h2()
             return
-        stream = _Stream(stream_id, "requested", self._h2.streams[stream_id])
+        stream = _Stream(stream_id, "requested", h2_stream)
         self._streams[stream_id] = stream
-        self._requested += 1
         pseudo, headers = _decode_headers(event.headers or [])
         authority = pseudo.get(":authority", "")
         try:
@@ -901,20 +1010,28 @@ class HboneServerProtocol(_HboneProtocol):
         except ValueError as exc:
             self._reject(stream, 400)
             self._events.append(RequestRefused(stream_id, 400, str(exc)))
+            self._count_premature()
             return
         stream.receiving = True
+        self._handled += 1
         self._events.append(ConnectRequested(stream_id, authority, address, headers))
 
     def _on_stream_reset(self, event: h2.events.StreamReset) -> None:
         stream = self._streams.get(event.stream_id)
-        if stream is not None and stream.state == "requested":
-            self._early_resets += 1
+        premature = stream is not None and stream.state == "requested"
         super()._on_stream_reset(event)
-        if (self._early_resets > _RAPID_RESET_MIN
-                and self._early_resets * 2 > self._requested):
-            self._connection_error(ErrorCodes.ENHANCE_YOUR_CALM,
-                                   f"{self._early_resets} of {self._requested} streams "
-                                   f"reset before an answer")
+        if premature:
+            self._count_premature()
+
+    def _count_premature(self) -> None:
+        """Rapid reset (CVE-2023-44487): only CONNECTs that reached a handler count as
+        work done, so a refused CONNECT cannot dilute the ratio of the reset ones."""
+        self._premature += 1
+        if self._premature > RAPID_RESET_MIN and self._premature * 2 > self._handled:
+            self._connection_error(
+                ErrorCodes.ENHANCE_YOUR_CALM,
+                f"{self._premature} streams reset or refused before an answer, "
+                f"{self._handled} handled", PeerFault.RAPID_RESET)
 
     _H2_HANDLERS: ClassVar[dict[type, Callable[..., None]]] = {
         **_HboneProtocol._H2_HANDLERS,

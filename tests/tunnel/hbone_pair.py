@@ -32,6 +32,10 @@ class Pair:
         while True:
             self._to_server += self.client.data_to_send()
             self._to_client += self.server.data_to_send()
+            # Each side reads everything the other sends, as an adapter whose write
+            # queue empties would report.
+            self.client.output_drained()
+            self.server.output_drained()
             if not self._to_server and not self._to_client:
                 return
             if self._to_server:
