@@ -24,6 +24,13 @@ read-ahead would merge the reads (about a tenth less receiver CPU in a loopback
 test) but Python has no API for it, only ctypes into ``SSLContext``'s C struct;
 not taken. kTLS would save the rest, but the lab's kernel has no ``tls`` ULP.
 
+Back-pressure runs both ways. Past the write high-water mark the protocol is
+told to pause writing, and the transport also stops *reading* until the queue
+has gone out: a peer that sends and never reads (a PING or SETTINGS flood, each
+answered with an ACK) would otherwise grow the queue without end (issue 10
+measured 34 MiB in 4 s). This is what the h2 crate under ztunnel does too: it
+reads no frame while it cannot queue its answer.
+
 The transport implements the part of ``asyncio.Transport`` that HBONE uses and
 calls the usual ``asyncio.Protocol`` methods. ``data_received`` gets a view of
 the thread's receive buffer (`tunnel.readbuf`), valid only during the call.
@@ -43,6 +50,9 @@ _READ_ROUNDS_PER_WAKEUP = 4
 DEFAULT_HIGH_WATER = 1024 * 1024
 # A graceful close that cannot flush (the peer stopped reading) is cut off after this.
 CLOSE_FLUSH_TIMEOUT = 10.0
+# After close_notify, what the peer still sends is read and dropped for at most this
+# long (see `_linger`).
+LINGER_TIMEOUT = 2.0
 
 _AGAIN = (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError, InterruptedError)
 
@@ -127,9 +137,12 @@ class TlsTransport:
         self._high_water = DEFAULT_HIGH_WATER
         self._low_water = DEFAULT_HIGH_WATER // 4
         self._protocol_paused = False
-        self._reading = True
+        self._reading = True          # the reader is registered with the loop
+        self._read_wanted = True      # not paused by pause_reading()
+        self._read_held = False       # stopped while the write queue is past high water
         self._closing = False         # close() called: flush, then shut down
         self._closed = False          # the descriptor is gone
+        self._lingering = False       # closed for the protocol; draining the socket
         self._close_timer: asyncio.TimerHandle | None = None
         # The protocol batches its answers; a small record should not wait for more.
         ssl_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -152,6 +165,11 @@ class TlsTransport:
     def get_write_buffer_size(self) -> int:
         return len(self._out)
 
+    @property
+    def reading_held(self) -> bool:
+        """Reading stopped because the peer does not read what we write."""
+        return self._read_held
+
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Send `data`, or queue a copy of what the socket does not take now. The caller
         may reuse its buffer as soon as this returns."""
@@ -163,18 +181,22 @@ class TlsTransport:
             # SSL_write may already have sent records from `data`; its retry must
             # see the same bytes, and OpenSSL accepts them from a new address.
             self._out = bytearray(data)
-        if not self._protocol_paused and len(self._out) > self._high_water:
-            self._protocol_paused = True
-            self._protocol.pause_writing()
+        if len(self._out) > self._high_water:
+            if not self._read_held:
+                self._read_held = True
+                self._stop_reading()
+            if not self._protocol_paused:
+                self._protocol_paused = True
+                self._protocol.pause_writing()
 
     def pause_reading(self) -> None:
+        self._read_wanted = False
         self._stop_reading()
 
     def resume_reading(self) -> None:
-        if not self._reading and not self.is_closing():
-            self._reading = True
-            self._loop.add_reader(self._fd, self._read_ready)
-            self._loop.call_soon(self._read_ready)  # OpenSSL may hold a decrypted record
+        self._read_wanted = True
+        if not self._read_held:
+            self._start_reading()
 
     def close(self) -> None:
         """Flush what is queued, send close_notify, close. Reading stops now."""
@@ -218,6 +240,10 @@ class TlsTransport:
         self._out = bytearray()
         self._waiting_writable = False
         self._loop.remove_writer(self._fd)
+        if self._read_held:
+            self._read_held = False
+            if self._read_wanted:
+                self._start_reading()
         if self._protocol_paused:
             self._protocol_paused = False
             self._protocol.resume_writing()
@@ -271,6 +297,12 @@ class TlsTransport:
 
     # ------------------------------------------------------------- closing
 
+    def _start_reading(self) -> None:
+        if not self._reading and not self.is_closing():
+            self._reading = True
+            self._loop.add_reader(self._fd, self._read_ready)
+            self._loop.call_soon(self._read_ready)  # OpenSSL may hold a decrypted record
+
     def _stop_reading(self) -> None:
         if self._reading and not self._closed:
             self._reading = False
@@ -281,7 +313,42 @@ class TlsTransport:
             self._ssl.unwrap()  # sends close_notify; we do not wait for the peer's
         except (OSError, ValueError):
             pass
-        self._teardown(None)
+        self._linger()
+
+    def _linger(self) -> None:
+        """Half-close, then read and drop what the peer still sends until it closes too.
+
+        Closing a socket with unread bytes makes the kernel answer RST and throw
+        away what we queued, our GOAWAY and close_notify among them: the peer we
+        stopped reading (a flood) would never learn why. So, as nginx's lingering
+        close: FIN after our last byte, then drain (below TLS, nothing decrypted)
+        until the peer's EOF or LINGER_TIMEOUT. The protocol is told now; only the
+        descriptor stays a little longer.
+        """
+        try:
+            socket.socket.shutdown(self._ssl, socket.SHUT_WR)
+        except OSError:
+            self._teardown(None)
+            return
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+        self._lingering = True
+        self._loop.add_reader(self._fd, self._discard)
+        self._close_timer = self._loop.call_later(LINGER_TIMEOUT, self._teardown, None)
+        self._loop.call_soon(self._protocol.connection_lost, None)
+
+    def _discard(self) -> None:
+        scratch = readbuf.take()
+        while True:
+            try:
+                n = socket.socket.recv_into(self._ssl, scratch)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                n = 0
+            if not n:
+                self._teardown(None)
+                return
 
     def _teardown(self, exc: BaseException | None) -> None:
         if self._closed:
@@ -290,10 +357,11 @@ class TlsTransport:
         self._closing = True
         if self._close_timer is not None:
             self._close_timer.cancel()
-        if self._reading:
+        if self._reading or self._lingering:
             self._loop.remove_reader(self._fd)
         if self._waiting_writable:
             self._loop.remove_writer(self._fd)
         self._out = bytearray()
         self._ssl.close()
-        self._loop.call_soon(self._protocol.connection_lost, exc)
+        if not self._lingering:  # a lingering close told the protocol already
+            self._loop.call_soon(self._protocol.connection_lost, exc)
