@@ -12,7 +12,16 @@ Back-pressure:
   the TLS transport's own buffer is past its high-water mark;
 * receiving: a paused stream keeps incoming bytes in a (copied) pending queue
   and does not acknowledge them, so the peer runs out of window after
-  `hbone.STREAM_WINDOW` bytes.
+  `hbone.STREAM_WINDOW` bytes;
+* the connection: the TLS transport stops reading while its write queue is past
+  the high-water mark (tls_io), and the core GOAWAYs a peer whose frames make us
+  queue answers it never reads (`output_drained` tells it when the queue emptied).
+
+Bounds on the server side (issue 10): pending TLS handshakes per listener and
+per node (`handshake_limit`), `max_streams` streams per connection (our
+SETTINGS) and as many CONNECT handlers in flight; a handler whose stream the
+peer resets before it was answered is cancelled, so it runs no policy and opens
+no connection to the app.
 """
 
 from __future__ import annotations
@@ -24,13 +33,15 @@ import ssl
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from h2.errors import ErrorCodes
 
 from identity.certs import PeerIdentityError
 from identity.spiffe import Identity
 from tunnel import hbone, tasks, tls, tls_io
+from tunnel.handshake_limit import HandshakeFailure, HandshakeGate, ListenerSlots, Pending
+from tunnel.lograte import RateLimitedLog
 from tunnel.relay import (
     ClosedCallback,
     DataCallback,
@@ -40,7 +51,13 @@ from tunnel.relay import (
     _ignore_data,
 )
 
+if TYPE_CHECKING:
+    from tunnel.metrics import ProxyMetrics
+
 log = logging.getLogger("trellis.tunnel.hbone")
+# Lines a peer can trigger at will, keyed by fixed reasons. Module-level like
+# tasks._running: process-wide, derived, holds no configuration.
+_peer_log = RateLimitedLog(log)
 
 # A stream stops reading its TCP side once the windows hold back this much, and
 # resumes when all of it went out. Bytes the windows do not admit are copied and
@@ -52,7 +69,6 @@ STREAM_SEND_LOW_WATER = 0
 # The TLS transport's queue: past this, every stream of the connection pauses.
 # It only fills while the socket is full, and each byte queued is a copy.
 TLS_WRITE_HIGH_WATER = 256 * 1024
-HANDSHAKE_TIMEOUT = 10.0
 
 
 class TunnelError(Exception):
@@ -73,8 +89,24 @@ class StreamRejected(TunnelError):
     """The peer answered the CONNECT with `status` (401 denied, 400 bad request, 503 ...)."""
 
     def __init__(self, status: int) -> None:
-        super().__init__(f"CONNECT rejected with status {status}")
+        super().__init__(f"CONNECT rejected with status {status}" if status
+                         else "CONNECT answered with a malformed response")
         self.status = status
+
+    @property
+    def reason(self) -> str:
+        """A metric label from a fixed set: the peer chooses the status, not our labels."""
+        return _REJECT_REASONS.get(self.status, "rejected_other")
+
+
+# What an HBONE server answers in practice (ztunnel, Envoy, Trellis); any other
+# status, and a malformed answer (status 0), is "rejected_other".
+_REJECT_REASONS = {status: f"rejected_{status}"
+                   for status in (400, 401, 403, 404, 500, 502, 503, 504)}
+
+
+class ResponseTimeout(TunnelError):
+    """The peer accepted the stream but sent no final answer within the bound."""
 
 
 class TunnelClosed(TunnelError):
@@ -284,13 +316,22 @@ class _HboneConnection:
         transport.write(self._proto.initiate())
 
     def data_received(self, data: memoryview) -> None:
+        transport = self._transport
+        if transport is not None and not transport.get_write_buffer_size():
+            self._proto.output_drained()
         try:
             events = self._proto.receive_data(data)
         except hbone.RemoteProtocolError as exc:
-            log.warning("HBONE peer %s broke the protocol: %s", self.peer_identity, exc,
-                        extra={"fields": {"peer": str(self.peer_identity)}})
+            self._peer_fault(exc)
             self._flush()
             self._shut(f"protocol error: {exc}", graceful=True)
+            return
+        except Exception:
+            # Only the core's own errors may leave receive_data; anything else is
+            # our bug. Fail closed: drop this connection, keep the traceback.
+            log.exception("HBONE core failed on input from %s; closing the connection",
+                          self.peer_identity)
+            self._shut("internal error", graceful=False)
             return
         handlers = self._HANDLERS
         for event in events:
@@ -322,6 +363,7 @@ class _HboneConnection:
 
     def resume_writing(self) -> None:
         self._writing_paused = False
+        self._proto.output_drained()
         for stream in list(self._streams.values()):
             if not stream._buffer_paused:
                 stream.on_write_resumed()
@@ -436,6 +478,11 @@ class _HboneConnection:
         hbone.ConnectionTerminated: _on_terminated,
     }
 
+    def _peer_fault(self, exc: hbone.RemoteProtocolError) -> None:
+        _peer_log.log(logging.WARNING, ("peer_fault", exc.fault),
+                      f"HBONE peer broke the protocol: {exc}",
+                      {"peer": str(self.peer_identity), "reason": exc.fault.value})
+
     def _check_peer(self, ssl_object: ssl.SSLSocket | None) -> None:
         if ssl_object is None:
             raise TunnelClosed("HBONE needs TLS")
@@ -462,10 +509,12 @@ class HboneConnection(_HboneConnection):
 
     _proto: hbone.HboneClientProtocol
 
-    def __init__(self, trust_domain: str, expected_peer: Identity) -> None:
+    def __init__(self, trust_domain: str, expected_peer: Identity, *,
+                 response_timeout: float = 5.0) -> None:
         super().__init__(trust_domain)
         self._proto = hbone.HboneClientProtocol()
         self._expected_peer = expected_peer
+        self._response_timeout = response_timeout
         self._ready = self._loop.create_future()
         self._opening: dict[int, asyncio.Future[None]] = {}
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
@@ -479,6 +528,7 @@ class HboneConnection(_HboneConnection):
 
         Returns once TLS is up, the server proved `expected_peer` and its SETTINGS
         arrived (so it accepted our certificate). `sock` is closed on failure.
+        `connect_timeout` also bounds each stream's wait for the CONNECT's answer.
         Raises PeerIdentityMismatch, TunnelClosed, ssl.SSLError, OSError or TimeoutError.
         """
         loop = asyncio.get_running_loop()
@@ -488,7 +538,7 @@ class HboneConnection(_HboneConnection):
                 await loop.sock_connect(sock, address)
                 ssl_sock = await tls_io.handshake(sock, ssl_context, server_side=False,
                                                   timeout=connect_timeout)
-                conn = cls(trust_domain, expected_peer)
+                conn = cls(trust_domain, expected_peer, response_timeout=connect_timeout)
                 tls_io.TlsTransport(loop, ssl_sock, conn)
                 if conn._setup_error is not None:
                     raise conn._setup_error
@@ -514,9 +564,14 @@ class HboneConnection(_HboneConnection):
                 and not self._proto.goaway_received and not self._proto.is_terminated
                 and self._transport is not None and not self._transport.is_closing())
 
+    def limit_streams(self, max_streams: int) -> None:
+        """Carry at most `max_streams` streams at once (the pool's per-connection cap)."""
+        self._proto.limit_streams(max_streams)
+
     async def open_stream(self, authority: str, headers: list[tuple[str, str]]) -> HboneStream:
         """CONNECT to `authority`; returns the open tunnel or raises StreamRejected(status) /
-        TunnelClosed. Waits for a free slot if all are in use."""
+        TunnelClosed / ResponseTimeout (no final answer within the connect timeout; 1xx
+        answers do not end the wait). Waits for a free slot if all are in use."""
         while self._proto.available_streams <= 0:
             if not self.is_usable:
                 raise TunnelClosed(self._close_reason or "connection is not usable")
@@ -539,7 +594,12 @@ class HboneConnection(_HboneConnection):
         self._opening[stream_id] = opened
         self._flush()
         try:
-            await opened
+            async with asyncio.timeout(self._response_timeout):
+                await opened
+        except TimeoutError:
+            stream.reset(ErrorCodes.CANCEL, "no answer to CONNECT")
+            raise ResponseTimeout(f"no answer to CONNECT {authority} within "
+                                  f"{self._response_timeout:g} s") from None
         except asyncio.CancelledError:
             stream.reset(ErrorCodes.CANCEL, "cancelled while opening")
             raise
@@ -635,6 +695,11 @@ class InboundRequest:
     def decided(self) -> bool:
         return self._decided
 
+    @property
+    def stream_closed(self) -> bool:
+        """The peer reset the stream, or the connection is gone."""
+        return self._stream.is_closed
+
     async def accept(self, headers: list[tuple[str, str]] | tuple[()] = ()) -> HboneStream:
         """Answer 200 and return the tunnel (already closed if the client gave up meanwhile)."""
         self._decide()
@@ -670,26 +735,62 @@ InboundHandler = Callable[[InboundRequest], Awaitable[None]]
 class _HboneServerConnection(_HboneConnection):
     _proto: hbone.HboneServerProtocol
 
-    def __init__(self, handler: InboundHandler, trust_domain: str) -> None:
+    def __init__(self, handler: InboundHandler, trust_domain: str, gate: HandshakeGate, *,
+                 max_streams: int, metrics: ProxyMetrics | None) -> None:
         super().__init__(trust_domain)
-        self._proto = hbone.HboneServerProtocol()
+        self._proto = hbone.HboneServerProtocol(max_streams=max_streams)
         self._handler = handler
+        self._gate = gate
+        self._metrics = metrics
+        # CONNECT handlers in flight, by stream id. h2 frees a stream's slot when the
+        # stream closes, but its handler may still be running: the bound is here.
+        self._max_handlers = max_streams
+        self._handlers: dict[int, tuple[asyncio.Task[None], InboundRequest]] = {}
+
+    @property
+    def handlers_in_flight(self) -> int:
+        return len(self._handlers)
 
     def _on_connect(self, event: hbone.ConnectRequested) -> None:
-        stream = HboneStream(self, event.stream_id)
+        stream_id = event.stream_id
+        if len(self._handlers) >= self._max_handlers:
+            self._proto.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            if self._metrics is not None:
+                self._metrics.hbone_streams_refused.labels("handler_limit").inc()
+            _peer_log.log(logging.WARNING, "handler_limit",
+                          "HBONE stream refused: all CONNECT handlers of the connection busy",
+                          {"peer": str(self.peer_identity), "limit": self._max_handlers})
+            return
+        stream = HboneStream(self, stream_id)
         self._stream_started(stream)
         request = InboundRequest(self, stream, event)
-        tasks.spawn(self._handle(request),
-                    name=f"hbone-inbound {self.peer_identity} -> {event.authority}")
+        task = tasks.spawn(self._handle(request),
+                           name=f"hbone-inbound {self.peer_identity} -> {event.authority}")
+        self._handlers[stream_id] = (task, request)
+        task.add_done_callback(lambda _: self._handlers.pop(stream_id, None))
 
     async def _handle(self, request: InboundRequest) -> None:
         try:
             await self._handler(request)
         finally:
-            if not request.decided:
+            if not request.decided and not request.stream_closed:
                 log.warning("HBONE handler left CONNECT %s unanswered; rejecting with 503",
                             request.authority)
                 request.reject(503)
+
+    def _stream_finished(self, stream: HboneStream) -> None:
+        super()._stream_finished(stream)
+        entry = self._handlers.get(stream.stream_id)
+        if entry is not None and not entry[1].decided:
+            # Reset (or the connection lost) before we answered: stop the handler,
+            # so a cancelled stream runs no policy and opens nothing to the app.
+            # A task that never started never runs at all.
+            entry[0].cancel()
+
+    def _peer_fault(self, exc: hbone.RemoteProtocolError) -> None:
+        super()._peer_fault(exc)
+        if self._metrics is not None:
+            self._metrics.hbone_peer_errors.labels(exc.fault.value).inc()
 
     def _on_refused(self, event: hbone.RequestRefused) -> None:
         log.info("refused HBONE request from %s: %s", self.peer_identity, event.reason,
@@ -703,8 +804,7 @@ class _HboneServerConnection(_HboneConnection):
 
     def _log_refused(self, exc: BaseException) -> None:
         peer = self._transport.get_extra_info("peername") if self._transport else None
-        log.warning("refused HBONE connection from %s: %s", peer, exc,
-                    extra={"fields": {"peer_address": str(peer), "error": str(exc)}})
+        self._gate.failed(HandshakeFailure.PEER_IDENTITY, peer, str(exc))
 
 
 class HboneListener:
@@ -721,12 +821,17 @@ class HboneListener:
     """
 
     def __init__(self, sock: socket.socket, ssl_context: ssl.SSLContext,
-                 handler: InboundHandler, trust_domain: str) -> None:
+                 handler: InboundHandler, trust_domain: str, *, gate: HandshakeGate,
+                 max_streams: int, metrics: ProxyMetrics | None) -> None:
         self.sockets = (sock,)
         self._sock = sock
         self._ssl_context = ssl_context
         self._handler = handler
         self._trust_domain = trust_domain
+        self._gate = gate
+        self._slots: ListenerSlots = gate.listener()
+        self._max_streams = max_streams
+        self._metrics = metrics
         # Accepted tunnels, so a pod's removal can end them too: closing a
         # listener alone would leave peers' pooled connections to it open.
         self._connections: weakref.WeakSet[_HboneServerConnection] = weakref.WeakSet()
@@ -735,6 +840,7 @@ class HboneListener:
 
     def close(self) -> None:
         self._accepting.cancel()
+        self._slots.abort_all()
 
     def abort_connections(self) -> None:
         """End every tunnel this listener accepted (their streams are reset)."""
@@ -761,32 +867,54 @@ class HboneListener:
                                 extra={"fields": {"error": str(exc)}})
                     await asyncio.sleep(0.1)
                     continue
-                tasks.spawn(self._handshake(conn, peer), name=f"hbone-tls {peer}")
+                pending = self._slots.admit(conn, peer, loop.time())
+                if pending is not None:
+                    pending.task = tasks.spawn(self._handshake(pending),
+                                               name=f"hbone-tls {peer}")
         finally:
             self._sock.close()
 
-    async def _handshake(self, conn: socket.socket, peer: object) -> None:
+    async def _handshake(self, pending: Pending) -> None:
+        gate = self._gate
         try:
-            ssl_sock = await tls_io.handshake(conn, self._ssl_context, server_side=True,
-                                              timeout=HANDSHAKE_TIMEOUT)
+            ssl_sock = await tls_io.handshake(pending.sock, self._ssl_context, server_side=True,
+                                              timeout=gate.limits.timeout_s)
         except (OSError, TimeoutError) as exc:
+            pending.release()
             reason = getattr(exc, "verify_message", None) or str(exc) or type(exc).__name__
-            log.warning("refused HBONE connection from %s: TLS handshake failed: %s",
-                        peer, reason, extra={"fields": {
-                            "peer_address": str(peer), "error": f"tls handshake: {reason}"}})
+            gate.failed(_handshake_failure(exc), pending.peer, f"tls handshake: {reason}")
             return
-        connection = _HboneServerConnection(self._handler, self._trust_domain)
+        pending.release()
+        connection = _HboneServerConnection(self._handler, self._trust_domain, gate,
+                                            max_streams=self._max_streams,
+                                            metrics=self._metrics)
         tls_io.TlsTransport(asyncio.get_running_loop(), ssl_sock, connection)
         self._connections.add(connection)
 
 
+def _handshake_failure(exc: BaseException) -> HandshakeFailure:
+    if isinstance(exc, TimeoutError):
+        return HandshakeFailure.TIMEOUT
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return HandshakeFailure.CERTIFICATE
+    if isinstance(exc, ssl.SSLError):
+        return HandshakeFailure.TLS
+    return HandshakeFailure.NETWORK
+
+
 async def serve_hbone(sock: socket.socket, ssl_context: ssl.SSLContext, handler: InboundHandler,
-                      *, trust_domain: str) -> HboneListener:
+                      *, trust_domain: str, gate: HandshakeGate | None = None,
+                      max_streams: int = hbone.MAX_CONCURRENT_STREAMS,
+                      metrics: ProxyMetrics | None = None) -> HboneListener:
     """Serve HBONE on `sock` (bound, listening, non-blocking). `handler` runs as a task per
     CONNECT and must `accept()` or `reject()` it; one that does neither gets 503.
 
     A client whose certificate does not verify fails the TLS handshake; one from
-    another trust domain is dropped. Both get a log line; neither reaches `handler`.
+    another trust domain is dropped. Both are counted and logged (at a bounded
+    rate); neither reaches `handler`. `gate` bounds pending handshakes: share one
+    across a node's listeners (without one, the listener gets its own, defaults).
     """
-    return HboneListener(sock, ssl_context, handler, trust_domain)
+    return HboneListener(sock, ssl_context, handler, trust_domain,
+                         gate=gate or HandshakeGate(metrics=metrics), max_streams=max_streams,
+                         metrics=metrics)
 

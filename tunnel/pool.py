@@ -2,7 +2,8 @@
 
 Connections are keyed by who talks to whom (ztunnel's key plus the source IP,
 because our socket is created inside the source pod and carries its address).
-Each holds up to 100 streams; past that the pool opens another. Concurrent
+Each holds up to `max_streams_per_connection` streams (100 by default,
+ProxyConfig's setting; fewer if the peer says so); past that the pool opens another. Concurrent
 callers that find no free slot share one in-flight connect, so a burst of new
 TCP connections costs one TLS handshake, not a handshake each. A connection
 without streams for `idle_timeout` seconds is closed.
@@ -15,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from identity.spiffe import Identity
-from tunnel import tasks
+from tunnel import hbone, tasks
 from tunnel.hbone_io import HboneConnection, HboneStream, TunnelClosed
 
 DEFAULT_IDLE_TIMEOUT = 300.0
@@ -32,10 +33,15 @@ class PoolKey:
 
 
 class HboneConnectionPool:
-    def __init__(self, *, idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> None:
+    def __init__(self, *, idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+                 max_streams_per_connection: int = hbone.MAX_CONCURRENT_STREAMS) -> None:
         if idle_timeout <= 0:
             raise ValueError(f"idle_timeout must be positive, got {idle_timeout}")
+        if max_streams_per_connection < 1:
+            raise ValueError("max_streams_per_connection must be >= 1, "
+                             f"got {max_streams_per_connection}")
         self._idle_timeout = idle_timeout
+        self._max_streams = max_streams_per_connection
         self._connections: dict[PoolKey, list[HboneConnection]] = {}
         self._connecting: dict[PoolKey, asyncio.Task[HboneConnection | BaseException]] = {}
         self._idle_timers: dict[HboneConnection, asyncio.TimerHandle] = {}
@@ -148,6 +154,7 @@ class HboneConnectionPool:
         return conn
 
     def _add(self, key: PoolKey, conn: HboneConnection) -> None:
+        conn.limit_streams(self._max_streams)
         self._connections.setdefault(key, []).append(conn)
         conn.on_idle = lambda: self._arm_idle_timer(key, conn)
         self._arm_idle_timer(key, conn)

@@ -17,8 +17,9 @@ import uvloop
 
 from identity.certs import CertBundle
 from identity.spiffe import Identity
-from tunnel import tasks, tls
-from tunnel.hbone_io import HboneConnection, InboundRequest, serve_hbone
+from tunnel import hbone, tasks, tls
+from tunnel.handshake_limit import HandshakeGate
+from tunnel.hbone_io import HboneConnection, HboneListener, InboundRequest, serve_hbone
 from tunnel.pool import HboneConnectionPool, PoolKey
 from tunnel.relay import SpliceHandle, TcpEndpoint, connect_tcp, splice, start_splice
 
@@ -99,7 +100,10 @@ class HboneEnv:
 
     def __init__(self, client_bundle: CertBundle, server_bundle: CertBundle,
                  *, handler: Callable[[InboundRequest], Awaitable[None]] | None = None,
-                 expected_peer: Identity | None = None, idle_timeout: float = 300.0) -> None:
+                 expected_peer: Identity | None = None, idle_timeout: float = 300.0,
+                 gate: HandshakeGate | None = None,
+                 max_streams: int = hbone.MAX_CONCURRENT_STREAMS,
+                 connect_timeout: float = 5.0) -> None:
         self.client_bundle = client_bundle
         self.server_bundle = server_bundle
         self.inbound = InboundRelay()
@@ -109,7 +113,11 @@ class HboneEnv:
         self.server_ctx = tls.server_context(server_bundle)
         self.pool = HboneConnectionPool(idle_timeout=idle_timeout)
         self.tls_connections = 0
-        self._servers: list[asyncio.Server] = []
+        self.gate = gate or HandshakeGate()
+        self.max_streams = max_streams
+        self.connect_timeout = connect_timeout
+        self.listener: HboneListener | None = None
+        self._servers: list[asyncio.Server | HboneListener] = []
         self.hbone_address: tuple[str, int] = ("", 0)
         self.outbound_address: tuple[str, int] = ("", 0)
 
@@ -117,7 +125,9 @@ class HboneEnv:
         sock = listening_socket()
         self.hbone_address = sock.getsockname()
         server = await serve_hbone(sock, self.server_ctx, self._count_and_handle,
-                                   trust_domain=TRUST_DOMAIN)
+                                   trust_domain=TRUST_DOMAIN, gate=self.gate,
+                                   max_streams=self.max_streams)
+        self.listener = server
         self._servers.append(server)
         out_sock = listening_socket()
         self.outbound_address = out_sock.getsockname()
@@ -137,7 +147,7 @@ class HboneEnv:
         self.tls_connections += 1
         return await HboneConnection.connect(
             client_socket(), self.hbone_address, self.client_ctx, self.expected_peer,
-            trust_domain=TRUST_DOMAIN, connect_timeout=5)
+            trust_domain=TRUST_DOMAIN, connect_timeout=self.connect_timeout)
 
     def _on_outbound(self, endpoint: TcpEndpoint) -> None:
         tasks.spawn(self._outbound(endpoint), name="test-outbound")
