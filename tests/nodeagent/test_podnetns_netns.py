@@ -17,19 +17,19 @@ from pathlib import Path
 import pytest
 from chart_support import ROOT, capabilities, container, pod_spec, setpriv, template
 
+from nodeagent.ebpf_support import cgroup2_mount
 from nodeagent.podnetns import ProcNetnsResolver
 from tunnel.state import Workload
 
 pytestmark = pytest.mark.netns
 
-CGROUP2 = Path("/sys/fs/cgroup/unified")
 
 
 @pytest.fixture
 def cgroup_root() -> Iterator[Path]:
-    if os.geteuid() != 0 or not (CGROUP2 / "cgroup.procs").exists():
-        pytest.skip("needs root and cgroup v2 at /sys/fs/cgroup/unified")
-    root = CGROUP2 / f"trellis-test-{uuid.uuid4().hex[:8]}"
+    # Wherever the host mounts cgroup v2: /sys/fs/cgroup on Debian 12 (systemd's
+    # unified hierarchy, as in CI), /sys/fs/cgroup/unified on a hybrid host.
+    root = Path(cgroup2_mount()) / f"trellis-test-{uuid.uuid4().hex[:8]}"
     root.mkdir()
     try:
         yield root
@@ -81,6 +81,7 @@ def test_finds_the_pod_namespace_and_never_the_hosts(netns: str, cgroup_root: Pa
 # redirector's nsenter opens the same path the same way).
 LOOKUP = """
 import json, os, sys
+from nodeagent.ebpf_support import cgroup2_mount
 from nodeagent.podnetns import ProcNetnsResolver
 from tunnel.state import Workload
 uid = sys.argv[1]
