@@ -270,6 +270,24 @@ def test_bytes_that_are_not_utf8_name_the_position(tmp_path: Path) -> None:
         load_yaml_file(path)
 
 
+@pytest.mark.parametrize(("text", "where", "problem"), [
+    ("kind: Pod\nstatus:\n  startTime: 2026-12-07T42:04:12Z\n", "line 3, column 14",
+     "hour must be in 0..23"),
+    ("kind: Pod\nmetadata: {name: !!int web}\n", "line 2, column 18",
+     "invalid literal for int"),
+    ("kind: !!float Pod\n", "line 1, column 7", "could not convert string to float"),
+    ("metadata:\n  !!timestamp namespace: demo\n", "line 2, column 3",
+     "is not a valid !!timestamp"),
+], ids=["timestamp-out-of-range", "int-tag", "float-tag", "timestamp-tag"])
+def test_a_value_yaml_cannot_construct_names_its_line_and_column(
+        text: str, where: str, problem: str) -> None:
+    # Found by tests/fuzz/fuzz_k8s_objects.py: PyYAML's constructors raise ValueError or
+    # AttributeError, not a YAMLError, for these; they escaped parse_yaml, and with them
+    # the file source's loop, which promises to keep the last good snapshot.
+    with pytest.raises(SourceError, match=rf"^pods.yaml: {where}: .*{problem}"):
+        parse_yaml(text, source="pods.yaml")
+
+
 def test_a_missing_file_is_a_source_error(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match="cannot read"):
         load_yaml_file(tmp_path / "nope.yaml")
