@@ -156,12 +156,15 @@ def _bearer_token(request: Request) -> str | None:
 def _csr_from_body(body: bytes) -> bytes:
     try:
         payload = json.loads(body)
-    except (UnicodeDecodeError, ValueError):
+    except (ValueError, RecursionError):  # RecursionError: nested past the stack
         raise SigningRefused("request body is not JSON") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("csr"), str):
         raise SigningRefused('request body must be a JSON object {"csr": "<PEM>"}')
     csr: str = payload["csr"]
-    return csr.encode("utf-8")
+    try:
+        return csr.encode("utf-8")
+    except UnicodeEncodeError:  # JSON can spell a lone surrogate ("\ud800"); UTF-8 cannot
+        raise SigningRefused("CSR is not a PEM certificate request: not Unicode text") from None
 
 
 def _error(status: int, reason: str,
