@@ -12,6 +12,9 @@ from identity.http1 import HttpError, RequestParser, parse_response
 
 ALLOWED: tuple[type[BaseException], ...] = (HttpError,)
 MAX_LEN = 16 * 1024
+DICTIONARY = (b"\r\n", b"\r\n\r\n", b"Content-Length: ", b"Transfer-Encoding: ",
+              b"HTTP/1.1 ", b"HTTP/1.0 ", b"POST ", b"GET ", b"/v1/sign", b"Host: ", b": ",
+              b" 200 OK", b"99999999999999999999", b"\t", b"\x80")
 
 
 def _request(data: bytes) -> None:

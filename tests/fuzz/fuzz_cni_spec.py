@@ -15,6 +15,12 @@ from nodeagent.cni import spec
 
 ALLOWED: tuple[type[BaseException], ...] = (spec.CniError,)
 MAX_LEN = 16 * 1024
+DICTIONARY = (b"CNI_COMMAND=", b"ADD", b"DEL", b"CHECK", b"VERSION", b"CNI_NETNS=",
+              b"CNI_ARGS=", b"K8S_POD_NAMESPACE=", b"\n\n", b'"cniVersion"', b'"1.0.0"',
+              b'"0.4.0"', b'"prevResult"', b'"ips"', b'"interfaces"', b'"sandbox"',
+              b'"address"', b'"interface"', b'"agentSocket"', b'"timeoutSeconds"',
+              b'"excludeNamespaces"',
+              b"true", b"false", b"null", b"[]", b"{}", b"-0", b"1e999", b'"\\ud800"')
 
 
 def _split(data: bytes) -> tuple[dict[str, str], bytes]:

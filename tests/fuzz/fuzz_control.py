@@ -11,6 +11,10 @@ from __future__ import annotations
 from tunnel.control import MAX_MESSAGE, ControlError, decode, encode
 
 ALLOWED: tuple[type[BaseException], ...] = (ControlError,)
+DICTIONARY = (b'"type"', b'"hello"', b'"add_pod"', b'"remove_pod"', b'"snapshot_sent"',
+              b'"ack"', b'"error"', b'"node"', b'"version"', b'"workload"', b'"netns"',
+              b'"uid"', b'"labels"', b'"enrolled"', b'"ip"',
+              b"true", b"false", b"null", b"[]", b"{}", b"-0", b"1e999", b'"\\ud800"')
 
 
 def one_input(data: bytes) -> None:

@@ -12,6 +12,12 @@ from nodeagent.objects import SourceError, parse_yaml
 
 ALLOWED: tuple[type[BaseException], ...] = (SourceError,)
 MAX_LEN = 16 * 1024
+DICTIONARY = (b"\n---\n", b"kind: ", b"Pod", b"Service", b"EndpointSlice", b"Namespace",
+              b"List", b"items:", b"metadata:", b"spec:", b"status:", b"podIP: ", b"labels:",
+              b"annotations:", b"ports:", b"- ", b"{", b"}", b"[", b"]", b": ", b"!!int ",
+              b"!!float ", b"!!binary ", b"!!timestamp ", b"!!set ", b"!!omap ", b"&a ", b"*a",
+              b"<<: ", b"2024-02-30", b"2026-12-07T21:04:11Z", b"~", b".nan", b"0x", b"'",
+              b'"', b"|\n", b"? ")
 
 
 def one_input(data: bytes) -> None:

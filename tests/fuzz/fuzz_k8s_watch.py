@@ -19,6 +19,15 @@ from nodeagent.objects import parse_documents
 
 ALLOWED: tuple[type[BaseException], ...] = (WatchGone, WatchFailed)
 MAX_LEN = 16 * 1024
+DICTIONARY = (b'"type"', b'"object"', b'"ADDED"', b'"MODIFIED"', b'"DELETED"', b'"BOOKMARK"',
+              b'"ERROR"', b'"LIST"', b'"items"', b'"kind"', b'"Pod"', b'"Service"',
+              b'"EndpointSlice"', b'"Namespace"', b'"metadata"', b'"name"', b'"namespace"',
+              b'"labels"', b'"annotations"', b'"resourceVersion"', b'"spec"', b'"status"',
+              b'"podIP"', b'"nodeName"', b'"serviceAccountName"', b'"hostNetwork"',
+              b'"clusterIP"', b'"ports"', b'"port"', b'"targetPort"', b'"protocol"',
+              b'"selector"', b'"addressType"', b'"IPv4"', b'"endpoints"', b'"addresses"',
+              b'"conditions"', b'"ready"', b'"code"', b"410", b"\n",
+              b"true", b"false", b"null", b"[]", b"{}", b"-0", b"1e999", b'"\\ud800"')
 
 _RESOURCES = (
     Resource("Namespace", "v1", "/api/v1/namespaces"),

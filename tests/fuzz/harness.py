@@ -6,7 +6,9 @@ The convention every ``tests/fuzz/fuzz_<name>.py`` follows:
   only exceptions allowed to leave ``one_input``. Anything else is a crash.
 - ``def one_input(data: bytes) -> None``: deterministic, no I/O, no sleeping.
 - a seed corpus in ``tests/fuzz/corpus/<name>/`` (a handful of real-looking inputs).
-- optional ``MAX_LEN`` (bytes; default ``DEFAULT_MAX_LEN``) for the longest input.
+- optional ``MAX_LEN`` (bytes; default ``DEFAULT_MAX_LEN``) for the longest input, and
+  ``DICTIONARY`` (a tuple of bytes: tokens of the format, such as JSON keys, that
+  libFuzzer splices into inputs; byte flips alone rarely make valid JSON).
 
 Usage (``make fuzz`` runs ``run`` over every target)::
 
@@ -246,10 +248,16 @@ def _child(args: argparse.Namespace) -> None:
 
     max_len = int(getattr(module, "MAX_LEN", DEFAULT_MAX_LEN))
     corpora = [args.corpus_out] + ([str(target.corpus)] if target.corpus.is_dir() else [])
-    atheris.Setup([sys.argv[0], *corpora, f"-max_total_time={max(1, round(args.seconds))}",
-                   f"-max_len={max_len}", f"-timeout={INPUT_TIMEOUT_S}",
-                   f"-rss_limit_mb={RSS_LIMIT_MB}", "-print_final_stats=1",
-                   f"-artifact_prefix={crash_dir}/"], test_one_input)
+    options = [f"-max_total_time={max(1, round(args.seconds))}", f"-max_len={max_len}",
+               f"-timeout={INPUT_TIMEOUT_S}", f"-rss_limit_mb={RSS_LIMIT_MB}",
+               "-print_final_stats=1", f"-artifact_prefix={crash_dir}/"]
+    tokens: tuple[bytes, ...] = getattr(module, "DICTIONARY", ())
+    if tokens:
+        dictionary = Path(args.corpus_out).parent / "dictionary"
+        dictionary.write_text("".join(
+            '"' + "".join(f"\\x{b:02x}" for b in token) + '"\n' for token in tokens))
+        options.append(f"-dict={dictionary}")
+    atheris.Setup([sys.argv[0], *corpora, *options], test_one_input)
     atheris.Fuzz()
 
 
