@@ -69,10 +69,13 @@ def _load_cert(path: Path) -> x509.Certificate:
 
 def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
     mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        # Like ssh: a root key others can read is already compromised.
+    if mode & 0o037:
+        # Like ssh: a root key others can read or change is already compromised.
+        # Group read alone is allowed: a Kubernetes Secret volume under a pod
+        # fsGroup turns defaultMode 0400 into 0440 owned by that group, which only
+        # the pod's own processes hold.
         raise CaStateError(f"{path} has mode {mode:04o}; the root key must be 0600 "
-                           f"(chmod 600 {path})")
+                           f"(0640 at most; chmod 600 {path})")
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except (ValueError, TypeError) as exc:

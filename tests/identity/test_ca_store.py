@@ -58,6 +58,20 @@ def test_a_readable_key_is_refused(tmp_path: Path) -> None:
         CertificateAuthority.load_or_create(tmp_path)
 
 
+@pytest.mark.parametrize("mode", [0o660, 0o604, 0o620])
+def test_a_key_others_can_read_or_change_is_refused(tmp_path: Path, mode: int) -> None:
+    CertificateAuthority.load_or_create(tmp_path)
+    (tmp_path / KEY_FILE).chmod(mode)
+    with pytest.raises(CaStateError, match=f"has mode {mode:04o}"):
+        CertificateAuthority.load_or_create(tmp_path)
+
+
+def test_a_group_readable_key_as_a_secret_under_fs_group_is_loaded(tmp_path: Path) -> None:
+    made = CertificateAuthority.load_or_create(tmp_path)
+    (tmp_path / KEY_FILE).chmod(0o440)
+    assert CertificateAuthority.load_or_create(tmp_path).root_pem == made.root_pem
+
+
 def test_a_key_from_another_root_is_refused(tmp_path: Path) -> None:
     CertificateAuthority.load_or_create(tmp_path / "a")
     CertificateAuthority.load_or_create(tmp_path / "b")

@@ -162,9 +162,6 @@ def test_ca_certificate_names_the_host_proxies_dial(netns: str, shared_dir: Path
     asyncio.run(main())
 
 
-@pytest.mark.xfail(strict=True, reason="identity/ca_store refuses the 0440 key the kubelet "
-                                       "makes of defaultMode 0400 under fsGroup (reported to "
-                                       "the lead: not this change's file)")
 def test_root_key_secret_as_the_kubelet_mounts_it_under_fs_group(shared_dir: Path) -> None:
     # With a pod fsGroup, the kubelet gives every file of a Secret volume to that
     # group and adds group read (pkg/volume SetVolumeOwnership): 0400 becomes 0440.
