@@ -65,3 +65,17 @@ def test_removal_keeps_other_rules_and_nothing_to_remove_renders_nothing() -> No
 def test_a_bad_address_is_refused_naming_it() -> None:
     with pytest.raises(ValueError, match=r"'10\.0\.0\.300'"):
         render_host_rules(["10.0.0.300"])
+
+
+def test_the_agent_setting_must_be_an_absolute_path_or_empty(tmp_path: Path) -> None:
+    from nodeagent.config import AgentConfig
+    from tunnel.config import ConfigError, ProxyConfig
+
+    workloads = tmp_path / "w.yaml"
+    workloads.write_text("")
+    base = {"proxy": ProxyConfig(node="node-1"), "workloads_file": workloads,
+            "control_socket": tmp_path / "proxy.sock"}
+    assert AgentConfig(**base).host_netns == "/proc/self/ns/net"  # the agent's own
+    assert AgentConfig(**base, host_netns="").host_netns == ""  # none at all
+    with pytest.raises(ConfigError, match=r"host_netns: 'proc/1/ns/net' is not an absolute"):
+        AgentConfig(**base, host_netns="proc/1/ns/net")
