@@ -21,5 +21,8 @@ class SnapshotRegistry:
 
 
 def placements(state: MeshState) -> frozenset[tuple[str, Identity]]:
-    """Every (node, identity) pair for which a pod is scheduled."""
+    """Every (node, identity) pair for which a pod is scheduled. Finished pods
+    (Succeeded, Failed) and pods being deleted without an IP are not in the
+    snapshot (nodeagent/pod_status.py), so they place nothing: a node cannot get
+    the identity of a pod that no longer runs there."""
     return frozenset((w.node, w.identity) for w in state.workloads if w.node)
