@@ -34,9 +34,10 @@ class Identity:
         if not sep or scheme != "spiffe":
             raise InvalidIdentity(f"{uri!r}: a SPIFFE ID starts with 'spiffe://'")
         domain, slash, path = rest.partition("/")
-        if not _TRUST_DOMAIN.match(domain):
+        # fullmatch: `$` alone also matches before a final newline.
+        if not _TRUST_DOMAIN.fullmatch(domain):
             raise InvalidIdentity(f"{uri!r}: {domain!r} is not a valid trust domain")
-        match = _PATH.match(slash + path)
+        match = _PATH.fullmatch(slash + path)
         if match is None:
             raise InvalidIdentity(f"{uri!r}: the path must be /ns/<namespace>/sa/<service-account>")
         return cls(domain, match["ns"], match["sa"])

@@ -41,6 +41,11 @@ def test_parse_fields_and_principal() -> None:
     ("spiffe://cluster.local/sa/backend/ns/demo", "path"),
     ("spiffe://cluster.local/ns//sa/backend", "path"),
     ("", "spiffe://"),
+    # `$` also matches before a final newline: these parsed as backend and
+    # cluster.local, so the CA signed ".../sa/backend" for a CSR that asked for
+    # ".../sa/backend\n" (found with tests/fuzz/fuzz_ca_csr.py's invariant).
+    ("spiffe://cluster.local/ns/demo/sa/backend\n", "path"),
+    ("spiffe://cluster.local\n/ns/demo/sa/backend", "trust domain"),
 ])
 def test_parse_rejects_with_a_message_naming_the_part(uri: str, names: str) -> None:
     with pytest.raises(InvalidIdentity, match=names):
