@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-ROOT_MARKERS = ("netns", "e2e")
+ROOT_MARKERS = ("netns", "e2e", "cluster")
 
 
 def _in_ci() -> bool:
