@@ -7,11 +7,13 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
+from lab.state import write_atomic
 from tests.e2e.labctl import (
     curl_json,
     eventually,
@@ -56,7 +58,7 @@ spec:
   - from:
     - source: {principals: ["cluster.local/ns/demo/sa/frontend"]}
 """
-# Bad on purpose: a CIDR that is not one. The other policies must keep working.
+# Bad on purpose: a CIDR that is not one. `lab apply` refuses the whole file.
 MALFORMED = """\
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -217,14 +219,112 @@ def test_policy_check_agrees_with_the_lab(lab: dict, tmp_path: Path,
         assert json.loads(out)["decision"] == lab_says
 
 
-def test_malformed_policy_is_reported_and_others_still_enforced(
+def test_lab_apply_refuses_an_invalid_policy_and_changes_nothing(
         lab: dict, tmp_path: Path, applied: list[Path]) -> None:
+    """As admission does on a cluster: the loader's error, a failure status, no change."""
     backend2 = pod("backend-2")
-    _apply(applied, tmp_path, "mixed.yaml", MALFORMED + "---\n" + STRICT_MTLS)
-    eventually(lambda: not _reaches("legacy-1", backend2["ip"]), timeout=5)
-    assert _reaches("frontend-1", backend2["ip"])
-    eventually(lambda: "demo/broken: rules[0].from[0].source.ipBlocks[0]" in _proxy_log("node-2"),
-               timeout=5)
+    before = _workloads().read_text()
+    path = _write(tmp_path, "mixed.yaml", MALFORMED + "---\n" + STRICT_MTLS)
+    result = trellis("lab", "apply", "-f", str(path), check=False)
+    assert result.returncode == 2, result.stdout
+    assert result.stdout == ""
+    assert ("demo/broken: rules[0].from[0].source.ipBlocks[0]: '10.0.0.300/8' is not a CIDR"
+            in result.stderr) and "nothing was applied" in result.stderr
+    assert _workloads().read_text() == before
+    assert _reaches("legacy-1", backend2["ip"])  # strict-mtls, in the same file, was not applied
+
+
+# A malformed edit of deny-frontend: one good principal, then a CIDR that is not one.
+DENY_FRONTEND_BROKEN = DENY_FRONTEND.replace(
+    '{principals: ["cluster.local/ns/demo/sa/frontend"]}',
+    '{principals: ["cluster.local/ns/demo/sa/frontend"], ipBlocks: ["10.0.0.300/8"]}')
+# Never valid: an ALLOW for the backends whose only rule has a port that is not one.
+ALLOW_BACKEND_BROKEN = """\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-8080, namespace: demo}
+spec:
+  selector: {matchLabels: {app: backend}}
+  action: ALLOW
+  rules:
+  - to:
+    - operation: {ports: ["80a"]}
+"""
+
+
+def _workloads() -> Path:
+    return Path(os.environ["TRELLIS_LAB_DIR"]) / "workloads.yaml"
+
+
+@pytest.fixture
+def unchecked_policy(lab: dict) -> Iterator[Callable[[str], None]]:
+    """Puts a policy straight into the file the agents read, past `lab apply`'s check,
+    as a cluster without the CRD's validation would hand it over; restores the file."""
+    original = _workloads().read_text()
+
+    def put(text: str) -> None:
+        new = yaml.safe_load(text)
+        key = (new["kind"], new["metadata"]["name"])
+        docs = [d for d in yaml.safe_load_all(_workloads().read_text())
+                if d and (d.get("kind"), d.get("metadata", {}).get("name")) != key]
+        write_atomic(_workloads(), yaml.safe_dump_all([*docs, new]))
+
+    yield put
+    write_atomic(_workloads(), original)
+
+
+def _check(policy_file: Path, principal: str, src_ip: str, dst_ip: str,
+           ) -> subprocess.CompletedProcess[str]:
+    return trellis("policy", "check", "-f", str(policy_file), "--source-principal", principal,
+                   "--source-ip", src_ip, "--dest-namespace", "demo", "--dest-labels",
+                   "app=backend", "--dest-ip", dst_ip, "--dest-port", "8080", "--json")
+
+
+def test_a_malformed_edit_leaves_the_old_deny_enforcing(
+        lab: dict, tmp_path: Path, applied: list[Path],
+        unchecked_policy: Callable[[str], None]) -> None:
+    """Acceptance 3: the old DENY still refuses; `policy check` and the log name the field."""
+    backend2, frontend1 = pod("backend-2"), pod("frontend-1")
+    _apply(applied, tmp_path, "deny.yaml", DENY_FRONTEND)
+    eventually(lambda: not _reaches("frontend-1", backend2["ip"]), timeout=5)
+    bad_field = "rules[0].from[0].source.ipBlocks[0]"
+    broken = _write(tmp_path, "deny-broken.yaml", DENY_FRONTEND_BROKEN)
+    refused = trellis("lab", "apply", "-f", str(broken), check=False)
+    assert refused.returncode == 2 and bad_field in refused.stderr
+
+    unchecked_policy(DENY_FRONTEND_BROKEN)
+    eventually(lambda: "invalid policy: its last valid version stays in force"
+               in _proxy_log("node-2"), timeout=5)
+    line = json.loads(next(line for line in reversed(_proxy_log("node-2").splitlines())
+                           if "its last valid version" in line))
+    assert (line["policy"], line["field"]) == ("demo/deny-frontend", bad_field)
+    assert not _reaches("frontend-1", backend2["ip"])
+    assert _reaches("backend-1", backend2["ip"])  # the old DENY, not a deny-everything
+    metrics = in_netns(node_netns("node-2"), "curl", "-sS",
+                       "http://127.0.0.1:15020/metrics").stdout
+    assert any(line.startswith("trellis_policy_invalid{") and line.endswith(" 1.0")
+               and 'policy="demo/deny-frontend"' in line and 'fallback="last_valid"' in line
+               for line in metrics.splitlines()), metrics
+
+    checked = _check(broken, "spiffe://cluster.local/ns/demo/sa/frontend", frontend1["ip"],
+                     backend2["ip"])
+    assert f"demo/deny-frontend: {bad_field}: '10.0.0.300/8' is not a CIDR" in checked.stderr
+    decision = json.loads(checked.stdout)
+    assert (decision["decision"], decision["reason"]) == ("DENY", "invalid_policy")
+
+
+def test_a_never_valid_allow_denies_its_workloads(
+        lab: dict, unchecked_policy: Callable[[str], None]) -> None:
+    backend2, frontend2 = pod("backend-2"), pod("frontend-2")
+    assert _reaches("frontend-1", backend2["ip"])  # positive control: no policy yet
+    unchecked_policy(ALLOW_BACKEND_BROKEN)
+    eventually(lambda: not _reaches("frontend-1", backend2["ip"]), timeout=5)
+    assert _reaches("frontend-1", frontend2["ip"])  # not selected: still allowed
+    log = _proxy_log("node-2")
+    assert ("demo/allow-8080: rules[0].to[0].operation.ports[0]: '80a' is not a port" in log)
+    denials = [json.loads(line) for line in log.splitlines()
+               if '"denied: invalid_policy"' in line]
+    assert denials and denials[-1]["policy"] == "demo/allow-8080"
 
 
 def test_denials_show_in_metrics(lab: dict, tmp_path: Path,
