@@ -88,6 +88,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                        help="NAMESPACE/NAME of the node agents' service account (kubernetes)")
     serve.add_argument("--token-audience", default="trellis-ca",
                        help="audience of the agents' projected tokens (kubernetes)")
+    serve.add_argument("--root-configmap", default="",
+                       help="publish the trust bundle to every namespace as this ConfigMap "
+                            "(key root-cert.pem), as istiod publishes istio-ca-root-cert "
+                            "(kubernetes; '' for none)")
     serve.add_argument("--trust-domain", default="cluster.local")
     serve.add_argument("--cert-lifetime", default="24h", help="e.g. 24h, 30m, 90s")
     serve.add_argument("--log-level", default="info")
@@ -244,8 +248,9 @@ async def _serve_ca(args: argparse.Namespace, host: str, port: int, lifetime: ti
     # On Kubernetes --state-dir is the mounted root-key Secret.
     ca = CertificateAuthority.load_or_create(args.state_dir, args.trust_domain)
     authenticator: NodeAuthenticator
+    api = None
     if args.source == "kubernetes":
-        registry, authenticator = await _kubernetes_ca(args)
+        registry, authenticator, api = await _kubernetes_ca(args)
     else:
         from nodeagent.source_file import FileSource
 
@@ -258,6 +263,11 @@ async def _serve_ca(args: argparse.Namespace, host: str, port: int, lifetime: ti
                        metrics_host=metrics[0] if metrics else "127.0.0.1",
                        metrics_port=metrics[1] if metrics else None),
         ca, registry, authenticator)
+    if api is not None and args.root_configmap:
+        from nodeagent.ca_rootcm import RootPublisher
+
+        RootPublisher(api, ca.root_pem, name=args.root_configmap,
+                      registry=server.metrics.registry).start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -281,7 +291,7 @@ async def _kubernetes_ca(args: argparse.Namespace):  # type: ignore[no-untyped-d
         lambda: api_client(configuration), trust_domain=args.trust_domain,
         agent_service_account=account, audience=args.token_audience,
         backoff_max_s=args.k8s_backoff_max)
-    return inputs.registry, inputs.authenticator
+    return inputs.registry, inputs.authenticator, inputs.api
 
 
 def _run(main) -> int:  # type: ignore[no-untyped-def]

@@ -88,6 +88,11 @@ async def post_json(api: client.ApiClient, path: str, body: Mapping[str, Any]) -
     return await _json_body(await _request(api, "POST", path, body=dict(body)), f"POST {path}")
 
 
+async def put_json(api: client.ApiClient, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
+    """Replace an object; with ``metadata.resourceVersion`` set, a 409 if it changed since."""
+    return await _json_body(await _request(api, "PUT", path, body=dict(body)), f"PUT {path}")
+
+
 async def open_watch(api: client.ApiClient, path: str, version: str, timeout_s: int,
                      selection: list[tuple[str, str]] | None = None) -> aiohttp.ClientResponse:
     """Start a watch after ``version``; the caller reads and releases the stream.

@@ -263,7 +263,8 @@ def test_non_default_values_render_and_validate(tmp_path: Path) -> None:
     assert not {"bpffs", "cgroup"} & _mounts(containers["proxy"]).keys()
     assert pod["spec"]["hostPID"] is True
     assert ("Secret", "trellis-ca-root") in docs
-    assert ("ConfigMap", "trellis-ca-root-cert") in docs
+    # Not the chart's: the CA publishes it to every namespace (nodeagent/ca_rootcm.py).
+    assert ("ConfigMap", "trellis-ca-root-cert") not in docs
 
 
 def _refused(*values: str) -> str:

@@ -20,6 +20,11 @@ What it does as the real one does:
   no CRD defines (``not_found_as_text=True``: the plain ``404 page not found`` of
   older servers). ``install_crd`` / ``uninstall_crd`` change that at run time;
   uninstalling deletes the CRD's objects (DELETED events) and ends its watches;
+- ConfigMaps: the cluster-wide collection (list/watch), and per namespace
+  ``POST`` (``409 AlreadyExists`` for a name taken, ``404`` for a namespace that
+  does not exist, ``403`` for one being deleted), ``GET`` and ``PUT`` (``409
+  Conflict`` when the body's resourceVersion is not the stored one, as an
+  optimistic-concurrency update is refused);
 - ``fieldSelector`` (``metadata.name``, ``metadata.namespace``; for pods also
   ``spec.nodeName``) on lists and watches: a watch sees an object that starts to
   match as ADDED and one that stops matching as DELETED; an unsupported field
@@ -50,6 +55,7 @@ KINDS = {
     "/api/v1/namespaces": "Namespace",
     "/api/v1/pods": "Pod",
     "/api/v1/services": "Service",
+    "/api/v1/configmaps": "ConfigMap",
     "/apis/discovery.k8s.io/v1/endpointslices": "EndpointSlice",
     ISTIO_POLICIES: "AuthorizationPolicy",
     TRELLIS_POLICIES: "AuthorizationPolicy",
@@ -59,6 +65,7 @@ CRD_BACKED = frozenset({ISTIO_POLICIES, TRELLIS_POLICIES})
 # chart by test_k8s_fake_apiserver.py): a cluster with Trellis and without Istio.
 CHART_CRDS = frozenset({TRELLIS_POLICIES})
 TOKENREVIEWS = "/apis/authentication.k8s.io/v1/tokenreviews"
+CONFIGMAPS = "/api/v1/configmaps"
 # Field selectors the real API server supports for these kinds (the rest: 400).
 _FIELDS = {"metadata.name", "metadata.namespace"}
 _POD_FIELDS = _FIELDS | {"spec.nodeName"}
@@ -105,6 +112,9 @@ class FakeApiServer:
         app = web.Application()
         app.router.add_get("/api/v1/namespaces/{ns}/pods/{name}", self._get_pod)
         app.router.add_post(TOKENREVIEWS, self._tokenreview)
+        app.router.add_post("/api/v1/namespaces/{ns}/configmaps", self._create_configmap)
+        app.router.add_get("/api/v1/namespaces/{ns}/configmaps/{name}", self._get_configmap)
+        app.router.add_put("/api/v1/namespaces/{ns}/configmaps/{name}", self._put_configmap)
         for collection in KINDS:
             app.router.add_get(collection, self._collection)
         app.router.add_route("*", "/{path:.*}", self._not_found)
@@ -305,6 +315,58 @@ class FakeApiServer:
         if pod is None:
             return _status(404, "NotFound", f'pods "{request.match_info["name"]}" not found')
         return web.json_response({"kind": "Pod", "apiVersion": "v1", **pod})
+
+    async def _create_configmap(self, request: web.Request) -> web.Response:
+        self.requests.append(f"{request.method} {request.path_qs}")
+        if not self._authorized(request):
+            return _status(401, "Unauthorized", "Unauthorized")
+        ns = request.match_info["ns"]
+        body = await request.json()
+        name = body.get("metadata", {}).get("name", "")
+        namespace_obj = self._objects["/api/v1/namespaces"].get(f"/{ns}")
+        if namespace_obj is None:
+            return _status(404, "NotFound", f'namespaces "{ns}" not found')
+        if namespace_obj.get("metadata", {}).get("deletionTimestamp"):
+            return _status(403, "Forbidden", f"configmaps {name!r} is forbidden: unable to "
+                           f"create new content in namespace {ns} because it is being "
+                           "terminated")
+        if f"{ns}/{name}" in self._objects[CONFIGMAPS]:
+            return _status(409, "AlreadyExists", f'configmaps "{name}" already exists')
+        obj = {**body, "metadata": {**body.get("metadata", {}), "namespace": ns}}
+        obj["metadata"].pop("resourceVersion", None)
+        await self.apply(CONFIGMAPS, obj)
+        return web.json_response({"kind": "ConfigMap", "apiVersion": "v1",
+                                  **self._objects[CONFIGMAPS][f"{ns}/{name}"]}, status=201)
+
+    async def _get_configmap(self, request: web.Request) -> web.Response:
+        self.requests.append(f"{request.method} {request.path_qs}")
+        if not self._authorized(request):
+            return _status(401, "Unauthorized", "Unauthorized")
+        name = request.match_info["name"]
+        stored = self._objects[CONFIGMAPS].get(f"{request.match_info['ns']}/{name}")
+        if stored is None:
+            return _status(404, "NotFound", f'configmaps "{name}" not found')
+        return web.json_response({"kind": "ConfigMap", "apiVersion": "v1", **stored})
+
+    async def _put_configmap(self, request: web.Request) -> web.Response:
+        self.requests.append(f"{request.method} {request.path_qs}")
+        if not self._authorized(request):
+            return _status(401, "Unauthorized", "Unauthorized")
+        ns, name = request.match_info["ns"], request.match_info["name"]
+        body = await request.json()
+        stored = self._objects[CONFIGMAPS].get(f"{ns}/{name}")
+        if stored is None:
+            return _status(404, "NotFound", f'configmaps "{name}" not found')
+        wanted = body.get("metadata", {}).get("resourceVersion")
+        if wanted and wanted != stored["metadata"]["resourceVersion"]:
+            return _status(409, "Conflict", f'Operation cannot be fulfilled on configmaps '
+                           f'"{name}": the object has been modified; please apply your '
+                           "changes to the latest version and try again")
+        obj = {**body, "metadata": {**body.get("metadata", {}), "namespace": ns,
+                                    "name": name}}
+        await self.apply(CONFIGMAPS, obj)
+        return web.json_response({"kind": "ConfigMap", "apiVersion": "v1",
+                                  **self._objects[CONFIGMAPS][f"{ns}/{name}"]})
 
     async def _tokenreview(self, request: web.Request) -> web.Response:
         self.requests.append(f"POST {TOKENREVIEWS}")
