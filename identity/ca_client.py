@@ -11,6 +11,7 @@ import json
 import ssl
 from urllib.parse import urlsplit
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -60,6 +61,13 @@ async def request_certificate(*, ca_url: str, ca_root_pem: bytes, token: str,
         ("Authorization", f"Bearer {token}"), ("Content-Type", "application/json")))
     raw = await _exchange(ca_url, host, port, _client_context(ca_root_pem),
                           server_name or host, request, timeout)
+    return read_answer(raw, key=key, identity=identity, ca_url=ca_url)
+
+
+def read_answer(raw: bytes, *, key: ec.EllipticCurvePrivateKey, identity: Identity,
+                ca_url: str) -> CertBundle:
+    """The CA's whole answer (read to EOF) → our bundle, or `CertificateRequestFailed`.
+    Sans-IO, so the fuzz target (tests/fuzz/fuzz_ca_client.py) reads it as we do."""
     try:
         response = parse_response(raw, max_body=MAX_RESPONSE)
     except HttpError as exc:
@@ -125,7 +133,7 @@ def _split_url(ca_url: str) -> tuple[str, int]:
 def _error_text(body: bytes) -> str:
     try:
         error = json.loads(body)["error"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return body[:200].decode("utf-8", "replace") or "(empty response)"
     return str(error)
 
@@ -138,11 +146,15 @@ def _bundle_from(body: bytes, key: ec.EllipticCurvePrivateKey, identity: Identit
         root = str(payload["root"]).encode("ascii")
         bundle = CertBundle.from_pem(chain_pem=chain, key_pem=private_key_pem(key),
                                      root_pem=root, expected=identity)
-    except (ValueError, KeyError, TypeError, PeerIdentityError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError, PeerIdentityError) as exc:
         raise CertificateRequestFailed(
             200, f"CA at {ca_url} answered with an unusable certificate: {exc}") from None
     # The CA must sign *our* key: a leaf for another key would be useless to us.
-    leaf_key = load_pem_chain(chain)[0].public_key()
+    try:
+        leaf_key = load_pem_chain(chain)[0].public_key()
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise CertificateRequestFailed(
+            200, f"CA at {ca_url} answered with a certificate of unusable key: {exc}") from None
     if _spki(leaf_key) != _spki(key.public_key()):
         raise CertificateRequestFailed(
             200, f"CA at {ca_url} returned a certificate for a different key")

@@ -61,7 +61,7 @@ def load_pem_chain(chain_pem: bytes) -> list[x509.Certificate]:
     """Every certificate in a PEM blob, in order; a clear error if there is none."""
     try:
         certs = x509.load_pem_x509_certificates(chain_pem)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion is no ValueError
         raise ValueError(f"not a PEM certificate chain: {exc}") from exc
     return certs
 
@@ -102,6 +102,10 @@ def _uri_sans(cert: x509.Certificate) -> list[str]:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
     except x509.ExtensionNotFound:
         return []
+    # Extensions are decoded only here. A TLS peer's certificate gets here after OpenSSL
+    # verified it against our root; the CA client reads the CA's answer unverified.
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
+        raise PeerIdentityError(f"certificate extensions cannot be read: {exc}") from None
     return list(san.value.get_values_for_type(x509.UniformResourceIdentifier))
 
 
