@@ -66,7 +66,7 @@ def _crash_texts(crashes: list[Path]) -> str:
 
 def test_every_fuzz_target_is_found() -> None:
     assert {"control", "cni_protocol", "cni_spec", "k8s_watch", "k8s_objects", "ca_http1",
-            "ca_csr"} <= {t.name for t in TARGETS}
+            "ca_csr", "ca_client"} <= {t.name for t in TARGETS}
 
 
 @pytest.mark.parametrize("target", TARGETS, ids=lambda t: t.name)
