@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from identity import ca_store
+from identity import ca_store, intermediate
 from identity.certs import CURVE, CertBundle, generate_key, private_key_pem
 from identity.spiffe import DEFAULT_TRUST_DOMAIN, Identity, InvalidIdentity
 
@@ -74,18 +74,29 @@ def _utcnow() -> datetime:
 
 
 class CertificateAuthority:
-    """A root key and certificate plus the signing rules.
+    """A signing key and certificate, the roots its leaves chain up to, and the rules.
 
-    Build with `create` (in memory) or `load_or_create` (persisted root).
+    Build with `create` (in memory), `load_or_create` (an online root, persisted)
+    or `from_plugin` (an intermediate from Istio-style ``cacerts``; the root's key
+    stays offline). With an intermediate, every leaf carries ``issuer_chain``
+    after it, and peers verify against ``roots`` alone.
     """
 
-    def __init__(self, root_key: ec.EllipticCurvePrivateKey, root_cert: x509.Certificate,
-                 trust_domain: str, clock: Callable[[], datetime] = _utcnow) -> None:
-        self._root_key = root_key
-        self._root_cert = root_cert
+    def __init__(self, signing_key: ec.EllipticCurvePrivateKey,
+                 signing_cert: x509.Certificate, trust_domain: str,
+                 clock: Callable[[], datetime] = _utcnow, *,
+                 issuer_chain: tuple[x509.Certificate, ...] = (),
+                 roots: tuple[x509.Certificate, ...] = ()) -> None:
+        self._root_key = signing_key
+        self._root_cert = signing_cert
         self._trust_domain = trust_domain
         self._clock = clock
-        self._root_pem = root_cert.public_bytes(serialization.Encoding.PEM)
+        # The signing certificate is a root itself when no chain is given.
+        self._issuer_chain_pem = b"".join(
+            c.public_bytes(serialization.Encoding.PEM) for c in issuer_chain)
+        self._roots = tuple(dict.fromkeys(roots or (signing_cert,)))
+        self._root_pem = b"".join(r.public_bytes(serialization.Encoding.PEM)
+                                  for r in self._roots)
 
     @classmethod
     def create(cls, trust_domain: str = DEFAULT_TRUST_DOMAIN,
@@ -112,7 +123,19 @@ class CertificateAuthority:
             raise ca_store.CaStateError(
                 f"{state_dir / ca_store.CERT_FILE}: root is for trust domain {actual!r}, "
                 f"not {trust_domain!r}")
-        return cls(key, cert, trust_domain, clock)
+        return cls(key, cert, trust_domain, clock,
+                   roots=(cert, *_extra_roots(state_dir)))
+
+    @classmethod
+    def from_plugin(cls, state_dir: Path, trust_domain: str = DEFAULT_TRUST_DOMAIN,
+                    clock: Callable[[], datetime] = _utcnow) -> CertificateAuthority:
+        """A CA signing with the intermediate in ``state_dir`` (``identity.intermediate``:
+        ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem). Creates nothing."""
+        _check_trust_domain(trust_domain)
+        material = intermediate.load_plugin(state_dir, clock())
+        return cls(material.key, material.cert, trust_domain, clock,
+                   issuer_chain=material.issuer_chain,
+                   roots=(*material.roots, *_extra_roots(state_dir)))
 
     @property
     def trust_domain(self) -> str:
@@ -120,11 +143,18 @@ class CertificateAuthority:
 
     @property
     def root_pem(self) -> bytes:
+        """The trust bundle: every root peers should accept (PEM, one or more)."""
         return self._root_pem
 
     @property
     def root_cert(self) -> x509.Certificate:
+        """The certificate this CA signs with (the root itself, unless an intermediate)."""
         return self._root_cert
+
+    @property
+    def issuer_chain_pem(self) -> bytes:
+        """What follows every leaf this CA issues: its intermediates (empty for a root)."""
+        return self._issuer_chain_pem
 
     def sign_workload(self, csr_pem: bytes, *, node: str, registry: WorkloadRegistry,
                       lifetime: timedelta = DEFAULT_WORKLOAD_LIFETIME) -> bytes:
@@ -138,7 +168,7 @@ class CertificateAuthority:
                                  RefusalKind.FORBIDDEN, identity)
         now = self._clock()
         cert = self._sign_leaf(identity, public_key, now - CLOCK_SKEW, now + lifetime)
-        return cert.public_bytes(serialization.Encoding.PEM)
+        return cert.public_bytes(serialization.Encoding.PEM) + self._issuer_chain_pem
 
     def issue(self, identity: Identity, lifetime: timedelta = DEFAULT_WORKLOAD_LIFETIME,
               not_before: datetime | None = None) -> CertBundle:
@@ -157,7 +187,7 @@ class CertificateAuthority:
         start = not_before if not_before is not None else self._clock() - CLOCK_SKEW
         cert = self._sign_leaf(identity, key.public_key(), start, start + lifetime)
         return CertBundle.from_pem(
-            chain_pem=cert.public_bytes(serialization.Encoding.PEM),
+            chain_pem=cert.public_bytes(serialization.Encoding.PEM) + self._issuer_chain_pem,
             key_pem=private_key_pem(key), root_pem=self._root_pem, expected=identity)
 
     def issue_server_credentials(self, hosts: Sequence[str],
@@ -187,8 +217,9 @@ class CertificateAuthority:
             .add_extension(x509.SubjectAlternativeName(names), critical=False)
         )
         cert = builder.sign(self._root_key, hashes.SHA256())
-        return ServerCredentials(cert.public_bytes(serialization.Encoding.PEM),
-                                 private_key_pem(key))
+        return ServerCredentials(
+            cert.public_bytes(serialization.Encoding.PEM) + self._issuer_chain_pem,
+            private_key_pem(key))
 
     def _validate_csr(self, csr_pem: bytes) -> tuple[Identity, ec.EllipticCurvePublicKey]:
         try:
@@ -314,6 +345,11 @@ def _self_signed_root(key: ec.EllipticCurvePrivateKey, trust_domain: str,
                        critical=False)
         .sign(key, hashes.SHA256())
     )
+
+
+def _extra_roots(state_dir: Path) -> tuple[x509.Certificate, ...]:
+    path = state_dir / ca_store.EXTRA_ROOTS_FILE
+    return intermediate.load_roots(path) if path.exists() else ()
 
 
 def _root_trust_domain(cert: x509.Certificate) -> str | None:

@@ -19,6 +19,10 @@ from identity.certs import private_key_pem
 
 CERT_FILE = "root-cert.pem"
 KEY_FILE = "root-key.pem"
+# Optional, in either mode: further roots to trust and publish beside the CA's own
+# (the next root before signing switches to it, the old one after; see
+# deploy/README.md, "Rotating the root").
+EXTRA_ROOTS_FILE = "extra-roots.pem"
 
 
 class CaStateError(Exception):
@@ -37,8 +41,8 @@ def load(state_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]
             f"{present} exists but {missing} does not; restore the missing file or remove "
             f"both to create a new root (which invalidates every issued certificate)")
     cert = _load_cert(cert_path)
-    key = _load_key(key_path)
-    if _spki(cert.public_key()) != _spki(key.public_key()):
+    key = load_key(key_path)
+    if spki(cert.public_key()) != spki(key.public_key()):
         raise CaStateError(f"{key_path} is not the private key of {cert_path}")
     return cert, key
 
@@ -53,7 +57,7 @@ def save(state_dir: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKe
                       mode=0o644)
 
 
-def _spki(key: object) -> bytes:
+def spki(key: object) -> bytes:
     if not isinstance(key, ec.EllipticCurvePublicKey):
         return b""
     return key.public_bytes(serialization.Encoding.DER,
@@ -67,7 +71,7 @@ def _load_cert(path: Path) -> x509.Certificate:
         raise CaStateError(f"{path} is not a PEM certificate: {exc}") from exc
 
 
-def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
+def load_key(path: Path) -> ec.EllipticCurvePrivateKey:
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o037:
         # Like ssh: a root key others can read or change is already compromised.

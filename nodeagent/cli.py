@@ -66,6 +66,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     ca_sub = ca.add_subparsers(dest="ca_command", metavar="COMMAND", required=True)
     serve = ca_sub.add_parser("serve", help="serve the CA's HTTPS API")
     serve.add_argument("--state-dir", required=True, type=Path, help="holds the root key")
+    serve.add_argument("--plugin-ca", action="store_true",
+                       help="--state-dir is a plug-in CA (Istio's cacerts: ca-cert.pem, "
+                            "ca-key.pem, cert-chain.pem, root-cert.pem): sign with that "
+                            "intermediate, keep the root's key offline; nothing is created")
     serve.add_argument("--listen", default="127.0.0.1:15012", help="HOST:PORT")
     serve.add_argument("--metrics", default="",
                        help="HOST:PORT of a plain-HTTP listener serving /metrics and nothing "
@@ -242,11 +246,16 @@ async def _serve_ca(args: argparse.Namespace, host: str, port: int, lifetime: ti
                     server_names: tuple[str, ...], metrics: tuple[str, int] | None) -> None:
     from identity.ca import CertificateAuthority
     from identity.ca_server import CaServerConfig, serve_ca
+    from identity.ca_store import CaStateError
     from identity.node_auth import NodeAuthenticator, StaticTokenAuthenticator
     from nodeagent.ca_k8s import follow_registry
 
-    # On Kubernetes --state-dir is the mounted root-key Secret.
-    ca = CertificateAuthority.load_or_create(args.state_dir, args.trust_domain)
+    # On Kubernetes --state-dir is the mounted root-key (or cacerts) Secret.
+    try:
+        ca = (CertificateAuthority.from_plugin if args.plugin_ca else
+              CertificateAuthority.load_or_create)(args.state_dir, args.trust_domain)
+    except CaStateError as exc:
+        raise ConfigError(str(exc)) from None
     authenticator: NodeAuthenticator
     api = None
     if args.source == "kubernetes":

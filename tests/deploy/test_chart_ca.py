@@ -92,3 +92,16 @@ def test_the_probe_passes_only_against_a_ca_serving_from_its_root(tmp_path: Path
 class _NoWorkloads:
     def runs_on(self, node: str, identity: object) -> bool:
         return False
+
+
+def test_a_plugin_secret_mounts_cacerts_and_signs_with_the_intermediate() -> None:
+    default = container(pod_spec(template(), "Deployment", "trellis-ca"), "ca")
+    assert "--plugin-ca" not in default["args"]
+    spec = pod_spec(template("--set", "ca.pluginSecretName=cacerts"), "Deployment",
+                    "trellis-ca")
+    ca = container(spec, "ca")
+    assert "--plugin-ca" in ca["args"]
+    mount = next(m for m in ca["volumeMounts"] if m["name"] == "root")
+    assert f"--state-dir={mount['mountPath']}" in ca["args"]
+    volume = next(v for v in spec["volumes"] if v["name"] == "root")
+    assert volume["secret"]["secretName"] == "cacerts"
