@@ -149,6 +149,10 @@ class StreamLimitReached(LocalProtocolError):
         super().__init__(message, ErrorCodes.REFUSED_STREAM)
 
 
+class _PeerWentAway(Exception):
+    """Internal: the peer's error GOAWAY ended the connection in the middle of a read."""
+
+
 # --------------------------------------------------------------------- events
 
 @dataclass(frozen=True, slots=True)
@@ -395,6 +399,8 @@ class _HboneProtocol:
         try:
             self._split(memoryview(data))
             self._feed_h2()
+        except _PeerWentAway:
+            pass  # its GOAWAY (an error) is the last event; the rest of the read is moot
         except h2.exceptions.ProtocolError as exc:
             self._terminated = True
             self._pull_h2()
@@ -621,16 +627,36 @@ class _HboneProtocol:
         try:
             h2_events = self._h2.receive_data(data)
             self._pull_h2()
+            if self._h2_closed():
+                self._reopen_for_graceful_goaway(h2_events)
             for event in h2_events:
                 handler = self._H2_HANDLERS.get(type(event))
                 if handler is not None:
                     handler(self, event)
         finally:
             self._answering = False
+        if self._terminated:
+            raise _PeerWentAway
         if self._unsent_answers > MAX_UNSENT_ANSWERS:
             self._connection_error(
                 ErrorCodes.ENHANCE_YOUR_CALM,
                 f"{self._unsent_answers} bytes of answers queued and not read", PeerFault.FLOOD)
+
+    def _h2_closed(self) -> bool:
+        return self._h2.state_machine.state is h2.connection.ConnectionState.CLOSED
+
+    def _reopen_for_graceful_goaway(self, h2_events: list[h2.events.Event]) -> None:
+        """h2 takes in a whole batch, GOAWAY included, before we answer the frames that
+        came ahead of it: after a graceful GOAWAY those still get their answers (h2
+        #1181, as in `_on_goaway`). After an error GOAWAY h2 stays closed, and the
+        handlers below answer nothing: the connection is going down."""
+        for event in h2_events:
+            if isinstance(event, h2.events.ConnectionTerminated) \
+                    and event.error_code == ErrorCodes.NO_ERROR:
+                self._h2.state_machine.state = (
+                    h2.connection.ConnectionState.CLIENT_OPEN if self._client_side
+                    else h2.connection.ConnectionState.SERVER_OPEN)
+                return
 
     def _connection_error(self, error_code: int, message: str,
                           fault: PeerFault = PeerFault.PROTOCOL) -> None:
@@ -664,6 +690,8 @@ class _HboneProtocol:
             self._events.append(StreamReset(stream.id, event.error_code))
 
     def _on_window_updated(self, event: h2.events.WindowUpdated) -> None:
+        if self._h2_closed():
+            return
         if event.stream_id:
             stream = self._blocked.get(event.stream_id)
             if stream is not None:
@@ -673,7 +701,7 @@ class _HboneProtocol:
 
     def _on_settings(self, event: h2.events.RemoteSettingsChanged) -> None:
         self._peer_settings_received = True
-        if SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
+        if SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings and not self._h2_closed():
             self._pump_all()
 
     def _on_goaway(self, event: h2.events.ConnectionTerminated) -> None:
@@ -887,7 +915,7 @@ class HboneClientProtocol(_HboneProtocol):
 
     def _on_response(self, event: h2.events.ResponseReceived) -> None:
         stream = self._streams.get(event.stream_id)
-        if stream is None or stream.state != "opening":
+        if stream is None or stream.state != "opening" or self._h2_closed():
             return
         pseudo, headers = _decode_headers(event.headers or [])
         status = _parse_status(pseudo.get(":status", ""))
@@ -908,7 +936,7 @@ class HboneClientProtocol(_HboneProtocol):
         """RFC 9110 §15.2: a 1xx is interim and the final answer follows (the adapter
         bounds the wait). RFC 9113 §8.6: HTTP/2 has no 101, so that one is malformed."""
         stream = self._streams.get(event.stream_id)
-        if stream is None or stream.state != "opening":
+        if stream is None or stream.state != "opening" or self._h2_closed():
             return
         pseudo, _ = _decode_headers(event.headers or [])
         status = _parse_status(pseudo.get(":status", ""))
@@ -993,6 +1021,8 @@ class HboneServerProtocol(_HboneProtocol):
             # dropped) the stream, and its StreamReset follows. Never a request.
             self._count_premature()
             return
+        if self._h2_closed():
+            return  # an error GOAWAY came in the same batch: nothing will be answered
         if self._draining:
             self._h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
             self._pull_h2()

@@ -246,3 +246,49 @@ def test_the_client_opens_no_more_than_its_limit() -> None:
     assert pair.client.available_streams == 0
     with pytest.raises(hbone.StreamLimitReached):
         pair.client.open_stream("10.0.0.1:80", [])
+
+
+# ------------------------------------------------ found by fuzzing (tests/fuzz/fuzz_hbone_*)
+
+@pytest.mark.parametrize("code", [ErrorCodes.NO_ERROR, ErrorCodes.INTERNAL_ERROR])
+def test_a_bad_connect_and_a_goaway_in_one_read_raise_nothing(code: ErrorCodes) -> None:
+    """fuzz_hbone_server: h2 takes in the GOAWAY before we answer the CONNECT ahead of it,
+    and refused our 400 (LocalProtocolError out of receive_data)."""
+    server, raw = _server_and_raw()
+    raw.send_headers(1, BAD_CONNECT, end_stream=True)
+    raw.close_connection(code)
+    events = server.receive_data(raw.data_to_send())
+    terminated = events[-1]
+    assert isinstance(terminated, hbone.ConnectionTerminated)
+    assert terminated.error_code == code
+    if code == ErrorCodes.NO_ERROR:  # graceful: the request still gets its answer
+        assert [type(e) for e in events] == [hbone.RequestRefused, hbone.ConnectionTerminated]
+        assert (0x1, 1) in _frames(bytes(server.data_to_send()))  # HEADERS(400) on 1
+    else:  # the connection is over: nothing is answered
+        assert events == [terminated]
+
+
+def test_frames_after_an_error_goaway_in_the_same_read_are_not_judged() -> None:
+    """fuzz_hbone_frames: with the GOAWAY and what follows in one read, the frames after
+    an error GOAWAY raised RemoteProtocolError; read apart they were ignored. Now both
+    readings end the same way: the GOAWAY is the last event."""
+    server, raw = _server_and_raw()
+    raw.close_connection(ErrorCodes.INTERNAL_ERROR)
+    data_on_stream_0 = b"\x00\x00\x01\x00\x00\x00\x00\x00\x00x"
+    wire = raw.data_to_send() + data_on_stream_0
+    events = server.receive_data(wire)
+    assert [type(e) for e in events] == [hbone.ConnectionTerminated]
+    apart, raw_apart = _server_and_raw()
+    raw_apart.close_connection(ErrorCodes.INTERNAL_ERROR)
+    assert apart.receive_data(raw_apart.data_to_send()) == events
+    assert apart.receive_data(data_on_stream_0) == []
+
+
+def _frames(wire: bytes) -> list[tuple[int, int]]:
+    """(type, stream id) of each frame in `wire`."""
+    frames, pos = [], 0
+    while pos + 9 <= len(wire):
+        length = int.from_bytes(wire[pos:pos + 3], "big")
+        frames.append((wire[pos + 3], int.from_bytes(wire[pos + 5:pos + 9], "big") & 0x7FFFFFFF))
+        pos += 9 + length
+    return frames
