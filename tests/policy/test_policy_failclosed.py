@@ -9,20 +9,32 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from policy_support import ROOT, allow, audit, deny, facts, load, op, policy, rule, src
+from test_policy_index import connections, namespaces, policy_strategy
 
 from policy import (
     Action,
+    ConnectionFacts,
     Decision,
     Fallback,
+    Policy,
     PolicyIndex,
     Reason,
     enforce,
     evaluate,
     load_yaml,
 )
+from policy.failclosed import stand_in
 
 pytestmark = pytest.mark.unit
+
+stand_ins = st.builds(
+    stand_in, namespaces, st.sampled_from(["a", "x"]),
+    st.sampled_from([Action.ALLOW, Action.DENY, None]),
+    st.one_of(st.none(), st.sampled_from([(("app", "backend"),), (("app", "db"),)])),
+    mesh_wide=st.booleans())
 
 BAD_CIDR_DENY = deny("deny-legacy", rule(frm=[src(ipBlocks=["10.0.1.5", "10.0.0.300/8"])]))
 
@@ -190,3 +202,16 @@ def test_a_yaml_alias_bomb_is_bounded_and_fails_closed() -> None:
     # Positive control: the same shape, small, is a valid policy.
     small = load_yaml(_alias_bomb(3))
     assert small.errors == () and len(small.policies[0].rules) == 3
+
+
+@given(st.lists(policy_strategy, max_size=8, unique_by=lambda p: p.key), stand_ins, connections)
+def test_a_stand_in_never_allows_what_was_denied_without_it(
+        policies: list[Policy], extra: Policy, conn: ConnectionFacts) -> None:
+    """Whatever else applies, failing closed only ever takes permissions away."""
+    base = [p for p in policies if p.key != extra.key]
+    decision = evaluate(conn, PolicyIndex.build([*base, extra]))
+    assert decision == evaluate(conn, [*base, extra])
+    if decision.allowed:
+        assert evaluate(conn, PolicyIndex.build(base)).allowed
+    if extra.action is Action.DENY and extra.applies_to(conn.dest_namespace, conn.dest_labels):
+        assert not decision.allowed
