@@ -44,6 +44,7 @@ import base64
 import copy
 import json
 import socket
+import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,6 +107,7 @@ class FakeApiServer:
     _wake: asyncio.Condition = field(default_factory=asyncio.Condition)
     _streams: dict[web.StreamResponse, web.Request] = field(default_factory=dict)
     _runner: web.AppRunner | None = None
+    ssl_context: ssl.SSLContext | None = None  # HTTPS, as kube-apiserver (tests/cluster)
 
     # -- life cycle ---------------------------------------------------------
     async def start(self, sock: socket.socket | None = None) -> None:
@@ -117,16 +119,21 @@ class FakeApiServer:
         app.router.add_put("/api/v1/namespaces/{ns}/configmaps/{name}", self._put_configmap)
         for collection in KINDS:
             app.router.add_get(collection, self._collection)
+        self.add_routes(app)
         app.router.add_route("*", "/{path:.*}", self._not_found)
         self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.1)
         await self._runner.setup()
         site: web.BaseSite
         if sock is not None:  # a socket the test made, e.g. inside a network namespace
-            site = web.SockSite(self._runner, sock)
+            site = web.SockSite(self._runner, sock, ssl_context=self.ssl_context)
         else:
-            site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
+            site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True,
+                               ssl_context=self.ssl_context)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    def add_routes(self, app: web.Application) -> None:
+        """More endpoints, for a subclass (tests/cluster/apiserver.py: workloads)."""
 
     async def stop(self) -> None:
         """The API server goes away: listeners closed, open watches cut."""
