@@ -17,6 +17,13 @@ What we control and what we cannot
   process, which is deployment policy, not this module's business.
 * Session tickets: the server issues none. Every connection proves its
   certificate afresh, and pooled connections make resumption pointless.
+* Trust: the roots come from the proxy's trust bundle file
+  (``identity.trust_bundle``) when it has one, else from the CA's answer. A
+  changed bundle is loaded into the live contexts (``update_trust``). OpenSSL
+  can add roots to a context's store but never remove one, so each context also
+  remembers the bundle's fingerprints, and `peer_identity` refuses a chain that
+  verified only through a root no longer in it: established connections stay,
+  new handshakes follow the bundle.
 * Keys never touch disk: ``load_cert_chain`` only takes a path, so the PEM is
   written to an anonymous memory file (``memfd_create``) and loaded through
   ``/proc/self/fd/N``; the descriptor is closed right after.
@@ -29,6 +36,7 @@ import ssl
 
 from identity.certs import CertBundle, PeerIdentityError, identity_of_peer
 from identity.spiffe import Identity
+from identity.trust_bundle import TrustBundle, fingerprint
 
 ALPN = "h2"
 
@@ -37,21 +45,32 @@ class WrongTrustDomain(PeerIdentityError):
     """The peer's certificate names an identity outside the trust domain we accept."""
 
 
-def server_context(bundle: CertBundle) -> ssl.SSLContext:
+class UntrustedRoot(PeerIdentityError):
+    """The peer's chain verified only through a root no longer in the trust bundle."""
+
+
+class MeshContext(ssl.SSLContext):
+    """An SSLContext that knows which roots it may still verify through (None: all
+    in its store; a context built without a trust bundle)."""
+
+    trusted: frozenset[bytes] | None = None
+
+
+def server_context(bundle: CertBundle, trust: TrustBundle | None = None) -> ssl.SSLContext:
     """For the inbound 15008 listener: our workload certificate, client certificate required."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    _common(ctx, bundle)
+    ctx = MeshContext(ssl.PROTOCOL_TLS_SERVER)
+    _common(ctx, bundle, trust)
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
     ctx.num_tickets = 0
     return ctx
 
 
-def client_context(bundle: CertBundle) -> ssl.SSLContext:
+def client_context(bundle: CertBundle, trust: TrustBundle | None = None) -> ssl.SSLContext:
     """For outbound tunnels: present `bundle`'s certificate, verify the server's chain."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx = MeshContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False  # the URI SAN is checked by peer_identity, not a hostname
-    _common(ctx, bundle)
+    _common(ctx, bundle, trust)
     ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
 
@@ -62,6 +81,7 @@ def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket, trust_domain: str) 
     der = ssl_object.getpeercert(binary_form=True)
     if not der:
         raise PeerIdentityError("peer presented no certificate")
+    _check_anchor(ssl_object)
     identity = identity_of_peer(der)
     if identity.trust_domain != trust_domain:
         raise WrongTrustDomain(
@@ -69,11 +89,43 @@ def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket, trust_domain: str) 
     return identity
 
 
-def _common(ctx: ssl.SSLContext, bundle: CertBundle) -> None:
+def update_trust(ctx: ssl.SSLContext, trust: TrustBundle) -> None:
+    """A live context follows a new trust bundle: its roots are added to the store,
+    and only they may anchor a chain from now on."""
+    ctx.load_verify_locations(cadata=trust.pem.decode("ascii"))
+    if isinstance(ctx, MeshContext):
+        ctx.trusted = trust.fingerprints
+
+
+def _check_anchor(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> None:
+    context = ssl_object.context
+    if not isinstance(context, MeshContext) or context.trusted is None:
+        return
+    chain = _verified_chain(ssl_object)
+    if not chain or fingerprint(chain[-1]) not in context.trusted:
+        raise UntrustedRoot("peer's certificate chain ends at a root that is no longer "
+                            "in the trust bundle")
+
+
+def _verified_chain(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> list[bytes]:
+    """The chain OpenSSL verified, leaf first and the trust anchor last, as DER.
+    Python 3.13 made this public; 3.10 to 3.12 have it only on the private
+    ``_sslobj`` (returning certificate objects), and nothing else tells which root
+    a peer verified through."""
+    public = getattr(ssl_object, "get_verified_chain", None)
+    if public is not None:
+        return list(public())
+    certs = ssl_object._sslobj.get_verified_chain()  # type: ignore[union-attr]
+    return [c if isinstance(c, bytes) else c.public_bytes(ssl._ssl.ENCODING_DER)  # type: ignore[attr-defined]
+            for c in certs or ()]
+
+
+def _common(ctx: MeshContext, bundle: CertBundle, trust: TrustBundle | None) -> None:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     ctx.set_alpn_protocols([ALPN])
-    ctx.load_verify_locations(cadata=bundle.root_pem.decode("ascii"))
+    ctx.load_verify_locations(cadata=(trust.pem if trust else bundle.root_pem).decode("ascii"))
+    ctx.trusted = trust.fingerprints if trust else None
     _load_chain_in_memory(ctx, bundle.chain_pem, bundle.key_pem)
 
 
