@@ -9,6 +9,13 @@ value handed to the pure ``policy.enforce``; a deleted policy is forgotten.
 
 Problems are logged when the set of them changes, not on every snapshot, so
 a broken object that stays broken logs once.
+
+Root namespaces, as each API group's owner defines them: a ``security.istio.io``
+policy is mesh-wide when it lives in Istio's root namespace
+(``istio_root_namespace``, ``istio-system`` unless Istio's meshConfig says
+otherwise), as Istio treats it; a ``security.trellis.dev`` policy when it lives
+in Trellis's own (``root_namespace``). So a cluster's existing Istio policies
+keep their meaning, and neither mesh's root namespace widens the other's.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from policy import (
     Document,
     Fallback,
     InvalidPolicy,
+    LoadResult,
     Policy,
     PolicyIndex,
     Problem,
@@ -41,19 +49,26 @@ _FALLBACK_TEXT = {
 }
 
 
+ISTIO_GROUP = "security.istio.io/"
+
+
 @dataclass
 class PolicyLoader:
     root_namespace: str
+    istio_root_namespace: str = "istio-system"
     _last_valid: Mapping[str, Policy | None] = field(default_factory=dict)
     _reported: frozenset[str] = field(default_factory=frozenset)
     # The latest load's invalid policies and what stands in for each.
     fallbacks: tuple[tuple[InvalidPolicy, Fallback], ...] = ()
 
     def load(self, documents: tuple[Mapping[str, object], ...], source: str) -> PolicyIndex:
-        result = load_policies(
-            [Document(body=doc, origin=f"{source} policy {i + 1}")
-             for i, doc in enumerate(documents)],
-            root_namespace=self.root_namespace)
+        docs = [Document(body=doc, origin=f"{source} policy {i + 1}")
+                for i, doc in enumerate(documents)]
+        istio = [d for d in docs if _is_istio(d.body)]
+        result = _merged(
+            load_policies([d for d in docs if not _is_istio(d.body)],
+                          root_namespace=self.root_namespace),
+            load_policies(istio, root_namespace=self.istio_root_namespace))
         enforced = enforce(result, self._last_valid)
         self._last_valid = enforced.last_valid
         self.fallbacks = enforced.fallbacks
@@ -68,6 +83,19 @@ class PolicyLoader:
                 _log_fallback(invalid, fallback, source)
         self._reported = frozenset(problems | fallbacks)
         return PolicyIndex.build(enforced.policies)
+
+
+def _is_istio(body: object) -> bool:
+    api = body.get("apiVersion") if isinstance(body, Mapping) else None
+    return isinstance(api, str) and api.startswith(ISTIO_GROUP)
+
+
+def _merged(ours: LoadResult, istio: LoadResult) -> LoadResult:
+    return LoadResult(policies=ours.policies + istio.policies,
+                      errors=ours.errors + istio.errors,
+                      warnings=ours.warnings + istio.warnings,
+                      invalid=ours.invalid + istio.invalid,
+                      set_aside=ours.set_aside | istio.set_aside)
 
 
 def _first_of_each(problems: Iterable[Problem]) -> list[str]:
