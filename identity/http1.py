@@ -19,10 +19,11 @@ from http import HTTPStatus
 DEFAULT_MAX_HEAD = 16 * 1024
 DEFAULT_MAX_BODY = 64 * 1024
 
-_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-_REQUEST_LINE = re.compile(rb"^([A-Z]+) (\S+) HTTP/1\.[01]$")
+# Always fullmatch: `$` also matches before a final newline.
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_REQUEST_LINE = re.compile(rb"([A-Z]+) (\S+) HTTP/1\.[01]")
 # RFC 9110 15: a status outside 100..599 is invalid.
-_STATUS_LINE = re.compile(rb"^HTTP/1\.[01] ([1-5][0-9]{2})(?: .*)?$")
+_STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([1-5][0-9]{2})(?: .*)?")
 
 
 class HttpError(Exception):
@@ -89,7 +90,7 @@ class RequestParser:
 
     def _parse_head(self, head: bytes) -> tuple[str, str, tuple[tuple[str, str], ...], int]:
         request_line, _, rest = head.partition(b"\r\n")
-        match = _REQUEST_LINE.match(request_line)
+        match = _REQUEST_LINE.fullmatch(request_line)
         if match is None:
             raise HttpError(400, "malformed request line")
         method, target = match[1].decode(), match[2].decode("ascii", "replace")
@@ -103,12 +104,14 @@ def parse_headers(block: bytes) -> tuple[tuple[str, str], ...]:
     headers: list[tuple[str, str]] = []
     for line in block.split(b"\r\n") if block else []:
         name, colon, value = line.partition(b":")
-        if not colon or not _TOKEN.match(name):
+        if not colon or not _TOKEN.fullmatch(name):
             raise HttpError(400, f"malformed header line {line[:40]!r}")
         try:
             text = value.strip(b" \t").decode("ascii")
         except UnicodeDecodeError:
             raise HttpError(400, f"header {name.decode()} is not ASCII") from None
+        if any(c in text for c in "\r\n\0"):  # RFC 9112 5.5: reject, or replace with SP
+            raise HttpError(400, f"header {name.decode()} holds CR, LF or NUL")
         headers.append((name.decode().lower(), text))
     return tuple(headers)
 
@@ -152,7 +155,7 @@ def parse_response(data: bytes, *, max_body: int = 1024 * 1024) -> Response:
     if not sep:
         raise HttpError(502, "response ended before the end of its headers")
     status_line, _, rest = head.partition(b"\r\n")
-    match = _STATUS_LINE.match(status_line)
+    match = _STATUS_LINE.fullmatch(status_line)
     if match is None:
         raise HttpError(502, f"malformed status line {status_line[:40]!r}")
     headers = parse_headers(rest)

@@ -129,3 +129,25 @@ def test_a_status_outside_100_to_599_is_a_malformed_status_line(status: bytes) -
     with pytest.raises(HttpError, match="malformed status line") as caught:
         parse_response(b"HTTP/1.1 " + status + b" X\r\nContent-Length: 0\r\n\r\n")
     assert caught.value.status == 502
+
+
+@pytest.mark.parametrize("head", [
+    b"POST /v1/sign HTTP/1.1\r\nContent-Length\n: 5",  # a header name ending in LF
+    b"GET /healthz HTTP/1.1\n",  # a request line ending in a bare LF
+    b"POST /v1/sign HTTP/1.1\r\nAuthorization: Bearer a\nContent-Length: 5",  # in a value
+    b"POST /v1/sign HTTP/1.1\r\nAuthorization: Bearer a\rb",
+    b"POST /v1/sign HTTP/1.1\r\nAuthorization: Bearer a\0b",
+], ids=["header-name", "request-line", "value-lf", "value-cr", "value-nul"])
+def test_a_bare_cr_lf_or_nul_in_a_request_line_header_name_or_value_is_refused(head: bytes) -> None:
+    # Found reviewing tests/fuzz/fuzz_ca_http1.py: `$` also matches before a final
+    # newline, so "content-length\n" was taken as a header of its own, against the
+    # module's rule of no whitespace before a colon (the way to smuggling); a value
+    # kept a bare CR, LF or NUL, which RFC 9112 5.5 says to reject.
+    with pytest.raises(HttpError) as caught:
+        RequestParser().feed(head + b"\r\nHost: ca\r\n\r\n")
+    assert caught.value.status == 400
+
+
+def test_a_status_line_ending_in_a_bare_line_feed_is_malformed() -> None:
+    with pytest.raises(HttpError, match="malformed status line"):
+        parse_response(b"HTTP/1.1 200 OK\n\r\nContent-Length: 0\r\n\r\n")
