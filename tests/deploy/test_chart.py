@@ -65,9 +65,19 @@ def test_lint_strict() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def _pod(docs: dict[tuple[str, str], dict[str, Any]]) -> dict[str, Any]:
-    pod: dict[str, Any] = docs["DaemonSet", "trellis-agent"]["spec"]["template"]
+def _pod(docs: dict[tuple[str, str], dict[str, Any]], component: str = "agent") -> dict[str, Any]:
+    pod: dict[str, Any] = docs["DaemonSet", f"trellis-{component}"]["spec"]["template"]
     return pod
+
+
+def _node_containers(docs: dict[tuple[str, str], dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The containers of both node pods (the agent's and the proxy's), by name."""
+    return _containers(_pod(docs, "agent")) | _containers(_pod(docs, "proxy"))
+
+
+def _all_pods(docs: dict[tuple[str, str], dict[str, Any]]) -> list[dict[str, Any]]:
+    return [d["spec"]["template"] for (kind, _), d in docs.items()
+            if kind in ("DaemonSet", "Deployment")]
 
 
 def _containers(pod: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -94,9 +104,15 @@ def test_default_render_validates(tmp_path: Path) -> None:
     rendered = _template()
     _validate(rendered, tmp_path)
     docs = _docs(rendered)
-    pod = _pod(docs)
-    assert [c["name"] for c in pod["spec"]["containers"]] == ["proxy", "agent", "install-cni"]
-    proxy, agent = _containers(pod)["proxy"], _containers(pod)["agent"]
+    pod, proxy_pod = _pod(docs), _pod(docs, "proxy")
+    # Two node DaemonSets, as istio-cni and ztunnel: one ServiceAccount each.
+    assert [c["name"] for c in pod["spec"]["containers"]] == ["agent", "install-cni"]
+    assert [c["name"] for c in proxy_pod["spec"]["containers"]] == ["proxy"]
+    assert pod["spec"]["serviceAccountName"] == "trellis-agent"
+    assert proxy_pod["spec"]["serviceAccountName"] == "trellis-proxy"
+    # The agent reads the host's /proc; the proxy gets namespaces as fds.
+    assert pod["spec"]["hostPID"] is True and proxy_pod["spec"]["hostPID"] is False
+    proxy, agent = _containers(proxy_pod)["proxy"], _containers(pod)["agent"]
     for container in (proxy, agent):
         security = container["securityContext"]
         assert security["privileged"] is False
@@ -105,6 +121,13 @@ def test_default_render_validates(tmp_path: Path) -> None:
         # alone opens pods' /proc/<pid>/ns/net, a ptrace access check: SYS_PTRACE.
         add = ["NET_ADMIN", "SYS_ADMIN", *(["SYS_PTRACE"] if container is agent else [])]
         assert security["capabilities"] == {"drop": ["ALL"], "add": add}
+        # SYS_ADMIN can always escalate: the spec says so (kubernetes#119568).
+        assert security["allowPrivilegeEscalation"] is True
+    assert _containers(pod)["install-cni"]["securityContext"]["allowPrivilegeEscalation"] is False
+    for node_pod in (pod, proxy_pod):
+        assert node_pod["spec"]["nodeSelector"] == {"kubernetes.io/os": "linux"}
+        assert node_pod["spec"]["priorityClassName"] == "system-node-critical"
+        assert node_pod["spec"]["tolerations"] == [{"operator": "Exists"}]
     assert proxy["readinessProbe"]["httpGet"] == {"path": "/healthz/ready", "port": 15021}
     assert agent["readinessProbe"]["httpGet"] == {"path": "/healthz/ready", "port": 15015}
     assert {p["name"]: p["containerPort"] for p in proxy["ports"]} == {
@@ -112,10 +135,14 @@ def test_default_render_validates(tmp_path: Path) -> None:
     assert {p["name"]: p["containerPort"] for p in agent["ports"]} == {
         "agent-metrics": 15014, "agent-ready": 15015}
     # Prometheus scrapes the proxy, on ztunnel's port, as Istio's dashboards expect.
-    assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
-    assert pod["metadata"]["annotations"]["prometheus.io/port"] == "15020"
+    assert proxy_pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    assert proxy_pod["metadata"]["annotations"]["prometheus.io/port"] == "15020"
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == "15014"
     assert pod["spec"]["terminationGracePeriodSeconds"] == 30
-    assert proxy["resources"]["requests"] == {"cpu": "100m", "memory": "128Mi"}
+    assert proxy_pod["spec"]["terminationGracePeriodSeconds"] == 30
+    # No memory limit on the proxy: its view of the cluster grows with the cluster,
+    # and an OOM kill refuses every enrolled pod's connections on the node.
+    assert proxy["resources"] == {"requests": {"cpu": "100m", "memory": "128Mi"}}
     assert agent["resources"]["requests"] == {"cpu": "50m", "memory": "64Mi"}
     assert docs["Service", "trellis-ca"]["spec"]["ports"][0]["port"] == 15012
     assert ("CustomResourceDefinition", "authorizationpolicies.security.trellis.dev") in docs
@@ -124,7 +151,7 @@ def test_default_render_validates(tmp_path: Path) -> None:
 
 
 def test_the_proxy_and_the_agent_run_their_own_commands() -> None:
-    containers = _containers(_pod(_docs(_template())))
+    containers = _node_containers(_docs(_template()))
     proxy, agent = _parsed(containers["proxy"]), _parsed(containers["agent"])
     assert (proxy.command, proxy.proxy_command) == ("proxy", "run")
     assert (agent.command, agent.agent_command) == ("agent", "run")
@@ -145,22 +172,45 @@ def test_the_proxy_and_the_agent_run_their_own_commands() -> None:
     assert agent.cni_socket == Path("/host/cni/socket/cni.sock")
 
 
-def test_the_control_socket_is_shared_through_a_pod_volume() -> None:
-    pod = _pod(_docs(_template()))
-    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
-    # An emptyDir lives as long as the pod: a restarted agent finds the proxy's socket.
-    assert "emptyDir" in volumes["control"]
-    for name in ("proxy", "agent"):
-        assert _mounts(_containers(pod)[name])["control"]["mountPath"] == "/var/run/trellis"
+def test_the_control_socket_is_shared_through_a_host_directory() -> None:
+    docs = _docs(_template())
+    # Two pods: only a host directory joins them (an emptyDir is one pod's).
+    for component in ("agent", "proxy"):
+        pod = _pod(docs, component)
+        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+        assert volumes["control"]["hostPath"] == {"path": "/var/run/trellis-proxy",
+                                                  "type": "DirectoryOrCreate"}
+        container = _containers(pod)[component]
+        assert _mounts(container)["control"]["mountPath"] == "/var/run/trellis"
+        assert "--control-socket=/var/run/trellis/proxy.sock" in container["args"]
+
+
+def test_the_control_socket_never_shares_the_cni_socket_directory() -> None:
+    stderr = _refused("--set", "proxy.controlSocketDir=/var/run/trellis/")
+    assert "proxy.controlSocketDir and cni.socketDir are both /var/run/trellis" in stderr
+
+
+def test_update_strategies() -> None:
+    docs = _docs(_template())
+    # No surge for the proxy: an old proxy stopping would unlink the new one's
+    # control socket, and the agent does not hand pods to the newest proxy
+    # (deploy/README.md, "Upgrading the proxy").
+    assert docs["DaemonSet", "trellis-proxy"]["spec"]["updateStrategy"] == {
+        "type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
+    assert docs["DaemonSet", "trellis-agent"]["spec"]["updateStrategy"] == {
+        "type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}}
 
 
 def test_each_container_mounts_only_what_it_uses() -> None:
-    pod = _pod(_docs(_template()))
-    containers = _containers(pod)
+    docs = _docs(_template())
+    pod, proxy_pod = _pod(docs), _pod(docs, "proxy")
+    containers = _node_containers(docs)
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    proxy_volumes = {v["name"]: v for v in proxy_pod["spec"]["volumes"]}
     proxy, agent = _mounts(containers["proxy"]), _mounts(containers["agent"])
-    # The proxy gets namespaces as fds from the agent: no host path at all.
-    assert not any("hostPath" in volumes[name] for name in proxy)
+    # The proxy gets namespaces as fds from the agent: no host path but the control
+    # socket's directory.
+    assert [name for name in proxy if "hostPath" in proxy_volumes[name]] == ["control"]
     # Only the proxy asks the CA for certificates.
     assert {"ca-root", "ca-token"} <= proxy.keys()
     assert not {"ca-root", "ca-token"} & agent.keys()
@@ -174,6 +224,8 @@ def test_each_container_mounts_only_what_it_uses() -> None:
     assert not {"cni-bin", "cni-conf"} & (agent.keys() | proxy.keys())
     # eBPF's host paths only in eBPF mode.
     assert not {"bpffs", "cgroup"} & (agent.keys() | volumes.keys())
+    # The proxy's credentials are not even volumes of the agent's pod.
+    assert not {"ca-root", "ca-token"} & volumes.keys()
 
 
 def test_the_cni_installer_keeps_watching_and_knows_its_daemonset() -> None:
@@ -200,16 +252,44 @@ def test_the_cni_installer_keeps_watching_and_knows_its_daemonset() -> None:
     assert binding["subjects"][0]["name"] == pod["spec"]["serviceAccountName"]
 
 
-def test_rbac_reads_only_and_the_ca_alone_reviews_tokens() -> None:
+def _granted(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+    return {(group, resource, verb) for rule in rules for group in rule["apiGroups"]
+            for resource in rule["resources"] for verb in rule["verbs"]}
+
+
+def _bound(docs: dict[tuple[str, str], dict[str, Any]], account: str) -> set[tuple[str, str, str]]:
+    """Everything ServiceAccount ``account`` may do, through any binding."""
+    granted: set[tuple[str, str, str]] = set()
+    for (kind, _), doc in docs.items():
+        if kind in ("ClusterRoleBinding", "RoleBinding") and any(
+                s["name"] == account for s in doc["subjects"]):
+            role_kind = "ClusterRole" if kind == "ClusterRoleBinding" else "Role"
+            granted |= _granted(docs[role_kind, doc["roleRef"]["name"]]["rules"])
+    return granted
+
+
+def test_rbac_each_process_reads_only_what_it_watches() -> None:
     docs = _docs(_template())
-    agent = docs["ClusterRole", "trellis-agent"]["rules"]
-    assert {v for rule in agent for v in rule["verbs"]} == {"get", "list", "watch"}
-    groups = {g for rule in agent for g in rule["apiGroups"]}
-    assert {"security.istio.io", "security.trellis.dev", "discovery.k8s.io"} <= groups
+    reads = {"get", "list", "watch"}
+    # nodeagent/source_k8s.py: the proxy's RESOURCES; the split agent's
+    # agent_resources; the agent's look at its own DaemonSet on shutdown.
+    proxy = {("", r, v) for r in ("pods", "namespaces", "services") for v in reads} | {
+        ("discovery.k8s.io", "endpointslices", v) for v in reads} | {
+        (g, "authorizationpolicies", v) for g in ("security.istio.io", "security.trellis.dev")
+        for v in reads}
+    agent = {("", r, v) for r in ("pods", "namespaces") for v in reads} | {
+        ("apps", "daemonsets", "get")}
+    assert _bound(docs, "trellis-proxy") == proxy
+    assert _bound(docs, "trellis-agent") == agent
     ca = docs["ClusterRole", "trellis-ca"]["rules"]
     assert {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"],
             "verbs": ["create"]} in ca
-    assert not any("secrets" in rule["resources"] for rule in agent + ca)
+    assert not any(resource == "secrets" for account in ("trellis-proxy", "trellis-agent",
+                                                         "trellis-ca")
+                   for _, resource, _ in _bound(docs, account))
+    # The CA signs for the proxies, which present their own ServiceAccount's token.
+    ca_args = docs["Deployment", "trellis-ca"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--agent-service-account=trellis-system/trellis-proxy" in ca_args
 
 
 def test_non_default_values_render_and_validate(tmp_path: Path) -> None:
@@ -220,14 +300,14 @@ def test_non_default_values_render_and_validate(tmp_path: Path) -> None:
         "--set", "proxy.resources.requests.cpu=500m",
         "--set", "proxy.metricsPort=9090", "--set", "proxy.readinessPort=9091",
         "--set", "agent.metricsPort=9092", "--set", "agent.readinessPort=9093",
-        "--set", "agent.terminationGracePeriodSeconds=60",
+        "--set", "proxy.terminationGracePeriodSeconds=60",
         "--set", "agent.extraCapabilities={SYS_PTRACE}", "--set", "ca.certLifetime=2h",
         "--set", "cni.enabled=false", "--set-string", "ca.root.cert=CERT",
         "--set-string", "ca.root.key=KEY")
     _validate(rendered, tmp_path)
     docs = _docs(rendered)
     pod = _pod(docs)
-    containers = _containers(pod)
+    containers = _node_containers(docs)
     proxy, agent = _parsed(containers["proxy"]), _parsed(containers["agent"])
     assert proxy.trust_domain == agent.trust_domain == "example.org"
     assert agent.redirect == "ebpf"
@@ -239,7 +319,7 @@ def test_non_default_values_render_and_validate(tmp_path: Path) -> None:
     assert ("Role", "trellis-agent") in docs
     assert (proxy.metrics, proxy.readiness) == ("0.0.0.0:9090", "0.0.0.0:9091")
     assert (agent.metrics, agent.readiness) == ("0.0.0.0:9092", "0.0.0.0:9093")
-    assert pod["metadata"]["annotations"]["prometheus.io/port"] == "9090"
+    assert _pod(docs, "proxy")["metadata"]["annotations"]["prometheus.io/port"] == "9090"
     assert containers["proxy"]["readinessProbe"]["httpGet"]["port"] == 9091
     assert containers["agent"]["readinessProbe"]["httpGet"]["port"] == 9093
     assert proxy.drain_seconds == 55
@@ -262,9 +342,88 @@ def test_non_default_values_render_and_validate(tmp_path: Path) -> None:
                                 "readOnly": True}
     assert not {"bpffs", "cgroup"} & _mounts(containers["proxy"]).keys()
     assert pod["spec"]["hostPID"] is True
+    assert _pod(docs, "proxy")["spec"]["hostPID"] is False  # eBPF too: the agent looks it up
     assert ("Secret", "trellis-ca-root") in docs
     # Not the chart's: the CA publishes it to every namespace (nodeagent/ca_rootcm.py).
     assert ("ConfigMap", "trellis-ca-root-cert") not in docs
+
+
+SCHEDULING_VALUES = (
+    "--set", "agent.nodeSelector.pool=mesh",
+    "--set", "agent.nodeSelector.kubernetes\\.io/os=windows",
+    "--set", "agent.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
+             ".nodeSelectorTerms[0].matchExpressions[0].key=mesh",
+    "--set", "agent.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
+             ".nodeSelectorTerms[0].matchExpressions[0].operator=Exists",
+    "--set", "imagePullSecrets[0].name=regcred",
+    "--set", "agent.seLinuxOptions.type=spc_t",
+    "--set", "proxy.appArmorProfile.type=Unconfined",
+    "--set", "agent.appArmorProfile.type=Localhost",
+    "--set", "agent.appArmorProfile.localhostProfile=trellis-agent",
+    "--set", "namespace.create=true", "--set", "resourceQuota.enabled=true",
+)
+
+
+def test_scheduling_and_security_values(tmp_path: Path) -> None:
+    rendered = _template(*SCHEDULING_VALUES)
+    _validate(rendered, tmp_path)
+    docs = _docs(rendered)
+    agent, proxy = _pod(docs)["spec"], _pod(docs, "proxy")["spec"]
+    for spec in (agent, proxy):
+        # The user's selector is merged in; Linux stays (no Windows build exists).
+        assert spec["nodeSelector"] == {"kubernetes.io/os": "linux", "pool": "mesh"}
+        assert spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    for pod in _all_pods(docs):
+        assert pod["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
+    assert agent["securityContext"] == {
+        "seLinuxOptions": {"type": "spc_t"},
+        "appArmorProfile": {"type": "Localhost", "localhostProfile": "trellis-agent"}}
+    assert proxy["securityContext"] == {"appArmorProfile": {"type": "Unconfined"}}
+    namespace = docs["Namespace", "trellis-system"]["metadata"]["labels"]
+    assert namespace["pod-security.kubernetes.io/enforce"] == "privileged"
+    assert namespace["trellis.dev/dataplane-mode"] == "none"
+    quota = docs["ResourceQuota", "trellis-critical-pods"]["spec"]
+    assert quota["scopeSelector"]["matchExpressions"] == [
+        {"operator": "In", "scopeName": "PriorityClass", "values": ["system-node-critical"]}]
+    # Off by default: neither object, and no pod-level context or pull secret.
+    default = _docs(_template())
+    assert not {"Namespace", "ResourceQuota"} & {kind for kind, _ in default}
+    assert "securityContext" not in _pod(default)["spec"]
+    assert not any("imagePullSecrets" in pod["spec"] for pod in _all_pods(default))
+
+
+def _sys_admin_escalation_errors(docs: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
+    """Containers whose spec says "no privilege escalation" while holding what always
+    allows it. kube-apiserver refuses allowPrivilegeEscalation false with privileged
+    or with capabilities.add "CAP_SYS_ADMIN"; it lets the same capability spelled
+    "SYS_ADMIN" through only by a bug (kubernetes#119568), so both spellings count."""
+    errors = []
+    for pod in _all_pods(docs):
+        for container in pod["spec"]["containers"] + pod["spec"].get("initContainers", []):
+            security = container.get("securityContext", {})
+            added = set(security.get("capabilities", {}).get("add", []))
+            if security.get("allowPrivilegeEscalation") is False and (
+                    security.get("privileged") or {"SYS_ADMIN", "CAP_SYS_ADMIN"} & added):
+                errors.append(container["name"])
+    return errors
+
+
+@pytest.mark.parametrize("values", [(), ("--set", "redirectMode=ebpf")])
+def test_allow_privilege_escalation_agrees_with_sys_admin(values: tuple[str, ...]) -> None:
+    assert _sys_admin_escalation_errors(_docs(_template(*values))) == []
+
+
+def test_the_escalation_check_sees_a_false_claim() -> None:
+    # Positive control for the check above: the chart as it was before.
+    docs = _docs(_template())
+    agent = _containers(_pod(docs))["agent"]
+    agent["securityContext"]["allowPrivilegeEscalation"] = False
+    assert _sys_admin_escalation_errors(docs) == ["agent"]
+
+
+def test_capabilities_with_the_cap_prefix_are_refused() -> None:
+    stderr = _refused("--set", "agent.extraCapabilities={CAP_BPF}")
+    assert "agent.extraCapabilities: CAP_BPF: name capabilities without the CAP_ prefix" in stderr
 
 
 def _refused(*values: str) -> str:
@@ -298,6 +457,9 @@ def test_the_two_containers_cannot_share_a_port() -> None:
     ["--set", "proxy.notASetting=1"],
     ["--set", "proxy.metricsPort=0"],
     ["--set", "proxy.resources.notAField=1"],
+    ["--set", "agent.appArmorProfile.type=Disabled"],
+    ["--set", "namespace.podSecurityEnforce=lax"],
+    ["--set", "imagePullSecrets[0].secret=x"],
 ])
 def test_bad_values_are_refused_by_the_schema(values: list[str]) -> None:
     assert "values don't meet the specifications of the schema" in _refused(*values)

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.netns
 
 START_WAIT_S = 30.0  # process start-up bound (imports, first list); not a speed claim
 AGENT_TOKEN = {"authenticated": True, "audiences": ["trellis-ca"],
-               "user": {"username": "system:serviceaccount:trellis-system:trellis-agent",
+               "user": {"username": "system:serviceaccount:trellis-system:trellis-proxy",
                         "extra": {"authentication.kubernetes.io/node-name": ["node-1"]}}}
 
 
@@ -78,7 +78,7 @@ def chart_ca() -> tuple[dict[str, Any], dict[str, Any], str]:
     """The CA pod spec and container, and the CA URL the chart gives the proxies."""
     docs = template()
     spec = pod_spec(docs, "Deployment", "trellis-ca")
-    proxy = container(pod_spec(docs, "DaemonSet", "trellis-agent"), "proxy")
+    proxy = container(pod_spec(docs, "DaemonSet", "trellis-proxy"), "proxy")
     return spec, container(spec, "ca"), arg(proxy["args"], "--ca-url")
 
 
