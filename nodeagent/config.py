@@ -118,7 +118,7 @@ class AgentConfig:
         return self.bpf_root or f"/sys/fs/bpf/trellis/{self.node}"
 
     def as_log_fields(self) -> dict[str, object]:
-        """Every setting, logged once at start (the proxy's under ``proxy``)."""
+        """Logged once at start; the proxy's settings, every one, under ``proxy``."""
         return {
             "proxy": self.proxy.as_dict(),
             "node": self.node, "source": self.source,
