@@ -64,7 +64,9 @@ class ProxyStack:
         tls = TlsIdentities(certificates, fetch_timeout=config.cert_fetch_timeout_s)
         certificates.subscribe(tls.on_renewed)
         metrics = ProxyMetrics()
-        pool = HboneConnectionPool(idle_timeout=config.proxy.pool_idle_timeout_s)
+        pool = HboneConnectionPool(
+            idle_timeout=config.proxy.pool_idle_timeout_s,
+            max_streams_per_connection=config.proxy.max_streams_per_connection)
         # Read at scrape time, on the loop's thread (the admin server is async).
         metrics.hbone_connections.set_function(pool.connection_count)
         inputs = ProxyInputs(config=config.proxy, state=StateView(), tls=tls, pool=pool,

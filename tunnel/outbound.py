@@ -141,6 +141,6 @@ async def _open_hbone(inputs: ProxyInputs, pod: ServedPod, dst: Workload,
         conn = await inputs.pool.acquire(key, connect)
         return await conn.open_stream(f"{dst.ip}:{port}", [("forwarded", f'for="{src.ip}"')])
     except StreamRejected as exc:
-        raise UpstreamFailed(f"rejected_{exc.status}", f"{dst.key}: HTTP {exc.status}") from exc
+        raise UpstreamFailed(exc.reason, f"{dst.key}: HTTP {exc.status}") from exc
     except (TimeoutError, OSError, ValueError, TunnelError) as exc:
         raise UpstreamFailed("hbone_connect_failed", f"{dst.key}: {exc or 'timeout'}") from exc

@@ -26,6 +26,7 @@ from tunnel.config import (
     PROXY_MARK,
 )
 from tunnel.context import ProxyInputs
+from tunnel.handshake_limit import HandshakeGate, HandshakeLimits
 from tunnel.hbone_io import HboneListener, InboundRequest, serve_hbone
 from tunnel.inbound import UNAVAILABLE, handle_hbone, handle_plaintext
 from tunnel.limits import ConnectionLimits, IdleSweeper
@@ -54,6 +55,9 @@ class Proxy:
         self.inputs = inputs
         self._pods: dict[str, ServedPod] = {}
         self._servers: dict[str, list[_Listener]] = {}
+        # One for the node: pending TLS handshakes on every pod's 15008 together.
+        self._handshakes = HandshakeGate(HandshakeLimits.of(inputs.config),
+                                         metrics=inputs.metrics)
         self.limits = ConnectionLimits(inputs.config, inputs.metrics, self._pods.values)
         self._idle = IdleSweeper(inputs.config.relay_idle_timeout_s, inputs.metrics,
                                  self._pods.values)
@@ -159,8 +163,11 @@ class Proxy:
                 finally:
                     self.limits.release(pod)
 
-            servers.append(await serve_hbone(hbone, server_ctx, on_request,
-                                             trust_domain=self.inputs.config.trust_domain))
+            config = self.inputs.config
+            servers.append(await serve_hbone(
+                hbone, server_ctx, on_request, trust_domain=config.trust_domain,
+                gate=self._handshakes, max_streams=config.max_streams_per_connection,
+                metrics=self.inputs.metrics))
         except BaseException:
             for server in servers:
                 server.close()
