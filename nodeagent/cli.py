@@ -141,6 +141,12 @@ LIMIT_SETTINGS: tuple[tuple[str, type, str], ...] = (
      "either way for this many seconds; 0: never"),
     ("relay_write_high_water_bytes", int, "per relayed socket: buffer at most about this "
      "much for a slow reader before reading the other side pauses"),
+    ("max_streams_per_connection", int, "CONNECT streams per HBONE connection: our "
+     "SETTINGS_MAX_CONCURRENT_STREAMS, the handlers in flight, the pool's cap"),
+    ("hbone_handshake_timeout_s", float, "a TLS handshake on 15008 not done by then is closed"),
+    ("max_pending_handshakes_per_listener", int, "unfinished TLS handshakes per pod's 15008; "
+     "beyond, the oldest idle one gives way or the newcomer is closed"),
+    ("max_pending_handshakes_per_node", int, "the same, for all pods of the node together"),
 )
 
 
