@@ -15,9 +15,11 @@ connections without end must not take the others down with it:
 - `raise_fd_limit` lifts RLIMIT_NOFILE at start to what the node limit needs
   (two fds a connection). Where the fds stay short (no CAP_SYS_RESOURCE to lift
   the hard limit), the node limit is lowered to one fd a connection, its
-  accepted socket: an HBONE relay (one socket on each proxy) then always fits,
-  and a plaintext or passthrough one that finds no fd for its second socket
-  fails alone, as a counted connect failure.
+  accepted socket: an HBONE relay (one socket on each proxy) then always fits;
+  past half of it, plaintext and passthrough relays (two sockets) can run out:
+  an upstream socket() then fails that connection alone (a counted connect
+  failure), and an accept that finds no fd is closed by libuv at once, until
+  fds free up.
 """
 
 from __future__ import annotations
