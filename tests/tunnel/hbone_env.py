@@ -103,6 +103,7 @@ class HboneEnv:
                  expected_peer: Identity | None = None, idle_timeout: float = 300.0,
                  gate: HandshakeGate | None = None,
                  max_streams: int = hbone.MAX_CONCURRENT_STREAMS,
+                 pool_streams: int = hbone.MAX_CONCURRENT_STREAMS,
                  connect_timeout: float = 5.0) -> None:
         self.client_bundle = client_bundle
         self.server_bundle = server_bundle
@@ -111,7 +112,8 @@ class HboneEnv:
         self.expected_peer = expected_peer or server_bundle.identity
         self.client_ctx = tls.client_context(client_bundle)
         self.server_ctx = tls.server_context(server_bundle)
-        self.pool = HboneConnectionPool(idle_timeout=idle_timeout)
+        self.pool = HboneConnectionPool(idle_timeout=idle_timeout,
+                                        max_streams_per_connection=pool_streams)
         self.tls_connections = 0
         self.gate = gate or HandshakeGate()
         self.max_streams = max_streams

@@ -20,6 +20,7 @@ from hbone_raw import PING, SETTINGS, RawPeer, frame
 
 from identity.certs import CertBundle
 from tunnel import hbone, hbone_io, tls, tls_io
+from tunnel.config import ProxyConfig
 from tunnel.handshake_limit import HandshakeFailure, HandshakeGate, HandshakeLimits
 from tunnel.hbone_io import (
     HboneConnection,
@@ -30,6 +31,7 @@ from tunnel.hbone_io import (
     TunnelClosed,
     serve_hbone,
 )
+from tunnel.metrics import ProxyMetrics
 
 pytestmark = pytest.mark.inprocess
 
@@ -337,7 +339,8 @@ def test_idle_connections_beyond_the_bound_are_closed_and_a_real_client_gets_in(
     10 s, with no bound (2,000 held, RSS +91 MiB). Now at most `per_listener` are
     held; the oldest idle one gives way to a newcomer, so a real client gets in."""
     limits = HandshakeLimits(per_listener=8, per_node=8, timeout_s=30, evict_after_s=0)
-    gate = HandshakeGate(limits)
+    metrics = ProxyMetrics()
+    gate = HandshakeGate(limits, metrics=metrics)
     attackers = 60
 
     async def main() -> None:
@@ -356,6 +359,11 @@ def test_idle_connections_beyond_the_bound_are_closed_and_a_real_client_gets_in(
             conn = await env.connect()  # positive control, while the idle ones stay
             assert conn.is_usable
             assert gate.pending == limits.per_listener - 1  # it evicted one idle handshake
+            assert metrics.registry.get_sample_value(
+                "trellis_hbone_handshake_failures_total", {"reason": "over_limit"}) == \
+                attackers - limits.per_listener + 1
+            assert metrics.registry.get_sample_value("trellis_hbone_handshakes_pending") == \
+                limits.per_listener - 1
             conn.close()
             await conn.wait_closed()
         finally:
@@ -439,5 +447,36 @@ def test_a_client_without_a_certificate_is_counted_by_reason(
             assert gate.failures[HandshakeFailure.TLS] == 1  # no certificate at all
         finally:
             await env.close()
+
+    run(main)
+
+
+def test_handshake_limits_come_from_the_proxy_config() -> None:
+    config = ProxyConfig(node="n", hbone_handshake_timeout_s=2.5,
+                         max_pending_handshakes_per_listener=7,
+                         max_pending_handshakes_per_node=70)
+    assert HandshakeLimits.of(config) == HandshakeLimits(per_listener=7, per_node=70,
+                                                         timeout_s=2.5)
+
+
+def test_the_pool_opens_another_connection_past_its_stream_cap(
+        frontend_bundle: CertBundle, backend_bundle: CertBundle) -> None:
+    async def main() -> None:
+        app, app_address, _ = await _app()
+        hold = asyncio.Event()
+        env = await HboneEnv(frontend_bundle, backend_bundle,
+                             handler=_CountingHandler(app_address, hold), pool_streams=3).start()
+        authority = f"{app_address[0]}:{app_address[1]}"
+        try:
+            streams = [await env.pool.open_stream(env.key(), env.connect, authority, [])
+                       for _ in range(7)]
+            assert env.pool.connection_count(env.key()) == 3  # 3 + 3 + 1
+            assert env.pool.connects_started == 3
+            for stream in streams:
+                stream.close()
+        finally:
+            hold.set()
+            await env.close()
+            app.close()
 
     run(main)
