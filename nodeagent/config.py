@@ -45,6 +45,10 @@ class AgentConfig:
     # eBPF mode on a host that cannot do it: "" stops the agent, "iptables" falls back.
     redirect_fallback: str = ""
     root_namespace: str = "trellis-system"
+    # Istio's root namespace: security.istio.io policies there apply mesh-wide.
+    istio_root_namespace: str = "istio-system"
+    # Leave to Istio ambient what it manages (nodeagent/istio_coexist.py).
+    istio_coexistence: bool = True
     cert_fetch_timeout_s: float = 10.0
     reconcile_interval_s: float = 1.0
     # Unix socket for the trellis-cni plugin (nodeagent/cni_server.py); None: no CNI hook.
@@ -128,6 +132,8 @@ class AgentConfig:
             "metrics": "{}:{}".format(*self.metrics_address),
             "readiness": "{}:{}".format(*self.readiness_address), "redirect": self.redirect,
             "root_namespace": self.root_namespace, "bpf_root": self.effective_bpf_root,
+            "istio_root_namespace": self.istio_root_namespace,
+            "istio_coexistence": self.istio_coexistence,
             "cni_socket": str(self.cni_socket) if self.cni_socket else "",
             "drain_s": self.drain_s, "role": self.role,
             "control_socket": str(self.control_socket or ""),

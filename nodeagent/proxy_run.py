@@ -34,7 +34,7 @@ async def run_proxy(config: AgentConfig) -> None:
     admin = AdminServer(stack.metrics.registry, not_ready)
     await admin.start(config.metrics_address, config.readiness_address)
     stack.certificates.start()
-    source = await open_source(config)
+    source = await open_source(config, stack.metrics.registry)
 
     first = asyncio.Event()
 

@@ -13,16 +13,21 @@ import logging
 import signal
 from dataclasses import dataclass
 
+from prometheus_client import CollectorRegistry
+
 from identity.ca_client import request_certificate
 from identity.certs import CertBundle
 from identity.rotation import CertificateManager
 from identity.spiffe import Identity
+from identity.trust_bundle import BundleFile, TrustBundleError
 from nodeagent.config import AgentConfig
 from nodeagent.drain import drain
+from nodeagent.istio_coexist import CoexistingSource
 from nodeagent.mesh_feed import MeshFeed
 from nodeagent.policies import PolicyLoader
 from nodeagent.source import WorkloadSource
 from nodeagent.sources import workload_source
+from tunnel import tasks
 from tunnel.balancer import RoundRobin
 from tunnel.config import ConfigError
 from tunnel.context import ProxyInputs, StateView
@@ -35,16 +40,17 @@ from tunnel.proxy import Proxy
 _log = logging.getLogger("trellis.nodeagent")
 
 
-def _certificate_manager(config: AgentConfig) -> CertificateManager:
-    assert config.ca_root is not None and config.token_file is not None  # AgentConfig checked
-    root_pem = config.ca_root.read_bytes()
+def _certificate_manager(config: AgentConfig, trust: BundleFile) -> CertificateManager:
+    assert config.token_file is not None  # AgentConfig checked
     token_file = config.token_file
 
     async def fetch(identity: Identity) -> CertBundle:
         # Read per request: on Kubernetes this is a projected service-account
         # token, which the kubelet rotates in place.
         token = token_file.read_text().strip()
-        return await request_certificate(ca_url=config.ca_url, ca_root_pem=root_pem,
+        # The bundle in force, not the file as it was at start: after a root
+        # rotation the CA serves a certificate from the new root.
+        return await request_certificate(ca_url=config.ca_url, ca_root_pem=trust.current.pem,
                                          token=token, identity=identity)
 
     return CertificateManager(fetch)
@@ -56,14 +62,24 @@ class ProxyStack:
     metrics: ProxyMetrics
     certificates: CertificateManager
     feed: MeshFeed
+    trust_watch: asyncio.Task[None] | None = None
 
     @classmethod
     def build(cls, config: AgentConfig) -> ProxyStack:
         _fit_fd_limit(config)
-        certificates = _certificate_manager(config)
-        tls = TlsIdentities(certificates, fetch_timeout=config.cert_fetch_timeout_s)
-        certificates.subscribe(tls.on_renewed)
         metrics = ProxyMetrics()
+        assert config.ca_root is not None  # AgentConfig checked
+        try:
+            trust = BundleFile(config.ca_root, registry=metrics.registry)
+        except TrustBundleError as exc:
+            raise ConfigError(f"--ca-root: {exc}") from None
+        certificates = _certificate_manager(config, trust)
+        tls = TlsIdentities(certificates, fetch_timeout=config.cert_fetch_timeout_s,
+                            trust=trust.current)
+        certificates.subscribe(tls.on_renewed)
+        # A root rotation reaches the live contexts without a restart
+        # (identity/trust_bundle.py).
+        trust_watch = tasks.spawn(trust.follow(tls.on_trust_changed), name="trust bundle")
         pool = HboneConnectionPool(
             idle_timeout=config.proxy.pool_idle_timeout_s,
             max_streams_per_connection=config.proxy.max_streams_per_connection)
@@ -72,8 +88,9 @@ class ProxyStack:
         inputs = ProxyInputs(config=config.proxy, state=StateView(), tls=tls, pool=pool,
                              metrics=metrics, balancer=RoundRobin())
         proxy = Proxy(inputs)
-        feed = MeshFeed(config.node, proxy, certificates, PolicyLoader(config.root_namespace))
-        return cls(proxy, metrics, certificates, feed)
+        feed = MeshFeed(config.node, proxy, certificates,
+                        PolicyLoader(config.root_namespace, config.istio_root_namespace))
+        return cls(proxy, metrics, certificates, feed, trust_watch)
 
     def live_connections(self) -> int:
         return sum(len(p.connections) for p in self.proxy.pods.values())
@@ -83,6 +100,8 @@ class ProxyStack:
         _log.info("proxy stopping: closing listeners, keeping pod redirection")
         await self.proxy.close()
         await self.certificates.stop()
+        if self.trust_watch is not None:
+            self.trust_watch.cancel()
 
 
 def _fit_fd_limit(config: AgentConfig) -> None:
@@ -96,14 +115,18 @@ def _fit_fd_limit(config: AgentConfig) -> None:
     # If it is still short, the proxy lowers its node limit to fit and says so.
 
 
-async def open_source(config: AgentConfig) -> WorkloadSource:
+async def open_source(config: AgentConfig,
+                      registry: CollectorRegistry | None = None) -> WorkloadSource:
+    """The workload source; beside Istio ambient, one that never enrolls what Istio
+    manages (its refusals counted in ``registry``)."""
     try:
-        return await workload_source(
+        source = await workload_source(
             config.source, node=config.node, trust_domain=config.proxy.trust_domain,
             workloads_file=config.workloads_file, kubeconfig=config.kubeconfig,
             backoff_max_s=config.k8s_backoff_max_s, enroll_only=not config.runs_proxy)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    return CoexistingSource(source, registry=registry) if config.istio_coexistence else source
 
 
 def stop_on_signals() -> asyncio.Event:

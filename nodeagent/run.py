@@ -67,7 +67,7 @@ async def run_agent(config: AgentConfig) -> None:
     await admin.start(config.metrics_address, config.readiness_address)
     if stack is not None:
         stack.certificates.start()
-    source = await open_source(config)
+    source = await open_source(config, registry)
     latest: list[MeshState] = []  # the CNI server decides enrollment from the last snapshot
     cni = (CniServer(config.cni_socket, reconciler.redirector,
                      lambda: latest[-1] if latest else None)

@@ -88,8 +88,9 @@ def test_ca_serve_from_kubernetes_with_root_from_a_mounted_secret(tmp_path: Path
 
 
 def test_agent_run_from_kubernetes_becomes_ready_after_the_first_list(tmp_path: Path) -> None:
-    for name in ("root.pem", "token"):
-        (tmp_path / name).write_text("unused: no pod on this node needs a certificate\n")
+    (tmp_path / "token").write_text("unused: no pod on this node needs a certificate\n")
+    # The trust bundle is read at start (a proxy that trusts nothing refuses to run).
+    (tmp_path / "root.pem").write_bytes(CertificateAuthority.create().root_pem)
     ready_port, metrics_port = free_port(), free_port()
 
     async def ready() -> bool:
