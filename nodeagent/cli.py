@@ -127,7 +127,16 @@ def _node_arguments(parser: argparse.ArgumentParser, *, ca_required: bool) -> No
     parser.add_argument("--readiness", default="0.0.0.0:15021",
                         help="HOST:PORT for /healthz/ready")
     parser.add_argument("--root-namespace", default="trellis-system",
-                        help="policies in this namespace apply mesh-wide")
+                        help="security.trellis.dev policies in this namespace apply "
+                             "mesh-wide")
+    parser.add_argument("--istio-root-namespace", default="istio-system",
+                        help="Istio's root namespace: security.istio.io policies there "
+                             "apply mesh-wide, as in Istio")
+    parser.add_argument("--istio-coexistence", action=argparse.BooleanOptionalAction,
+                        default=True,
+                        help="never enroll what Istio ambient manages "
+                             "(istio.io/dataplane-mode=ambient on the pod or namespace); "
+                             "both meshes use the same ports")
     parser.add_argument("--log-level", default="info")
     _limit_arguments(parser)
 
@@ -207,6 +216,8 @@ def _run_node_process(args: argparse.Namespace, main, **settings) -> int:  # typ
             token_file=args.token_file, control_socket=args.control_socket,
             metrics_address=metrics, readiness_address=readiness,
             root_namespace=args.root_namespace, drain_s=args.drain_seconds,
+            istio_root_namespace=args.istio_root_namespace,
+            istio_coexistence=args.istio_coexistence,
             source=args.source, kubeconfig=args.kubeconfig,
             k8s_backoff_max_s=args.k8s_backoff_max, **settings)
     except ConfigError as exc:

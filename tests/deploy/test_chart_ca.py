@@ -105,3 +105,16 @@ def test_a_plugin_secret_mounts_cacerts_and_signs_with_the_intermediate() -> Non
     assert f"--state-dir={mount['mountPath']}" in ca["args"]
     volume = next(v for v in spec["volumes"] if v["name"] == "root")
     assert volume["secret"]["secretName"] == "cacerts"
+
+
+def test_istio_coexistence_and_root_namespace_reach_both_node_processes() -> None:
+    docs = template()
+    proxy = container(pod_spec(docs, "DaemonSet", "trellis-proxy"), "proxy")
+    agent = container(pod_spec(docs, "DaemonSet", "trellis-agent"), "agent")
+    assert "--istio-coexistence" in proxy["args"] and "--istio-coexistence" in agent["args"]
+    assert "--istio-root-namespace=istio-system" in proxy["args"]
+    off = template("--set", "istioCoexistence=false", "--set", "istioRootNamespace=mesh")
+    proxy = container(pod_spec(off, "DaemonSet", "trellis-proxy"), "proxy")
+    agent = container(pod_spec(off, "DaemonSet", "trellis-agent"), "agent")
+    assert "--no-istio-coexistence" in proxy["args"] and "--no-istio-coexistence" in agent["args"]
+    assert "--istio-root-namespace=mesh" in proxy["args"]
