@@ -341,6 +341,14 @@ def test_non_default_values_render_and_validate(tmp_path: Path) -> None:
     assert mounts["cgroup"] == {"name": "cgroup", "mountPath": "/sys/fs/cgroup",
                                 "readOnly": True}
     assert not {"bpffs", "cgroup"} & _mounts(containers["proxy"]).keys()
+    # bcc is in the agent's image only, and compiles against the node's headers.
+    assert containers["agent"]["image"].endswith(":0.1.0-ebpf")
+    assert containers["proxy"]["image"].endswith(":0.1.0")
+    assert volumes["host-modules"]["hostPath"]["path"] == "/lib/modules"
+    assert volumes["host-src"]["hostPath"]["path"] == "/usr/src"
+    assert mounts["host-modules"] == {"name": "host-modules", "mountPath": "/lib/modules",
+                                      "readOnly": True}
+    assert mounts["host-src"]["readOnly"] is True
     assert pod["spec"]["hostPID"] is True
     assert _pod(docs, "proxy")["spec"]["hostPID"] is False  # eBPF too: the agent looks it up
     assert ("Secret", "trellis-ca-root") in docs
@@ -424,6 +432,17 @@ def test_the_escalation_check_sees_a_false_claim() -> None:
 def test_capabilities_with_the_cap_prefix_are_refused() -> None:
     stderr = _refused("--set", "agent.extraCapabilities={CAP_BPF}")
     assert "agent.extraCapabilities: CAP_BPF: name capabilities without the CAP_ prefix" in stderr
+
+
+def test_ebpf_with_the_headers_in_the_image() -> None:
+    docs = _docs(_template("--set", "redirectMode=ebpf", "--set", "ebpf.kernelHeaders=bundled"))
+    agent = _containers(_pod(docs))["agent"]
+    assert {"name": "BCC_KERNEL_SOURCE", "value": "/opt/trellis/kernel-headers"} in agent["env"]
+    assert not {"host-modules", "host-src"} & _mounts(agent).keys()
+    # Not in iptables mode, whatever ebpf.* says.
+    plain = _containers(_pod(_docs(_template("--set", "ebpf.kernelHeaders=bundled"))))["agent"]
+    assert not any(e["name"] == "BCC_KERNEL_SOURCE" for e in plain["env"])
+    assert not plain["image"].endswith("-ebpf")
 
 
 def _refused(*values: str) -> str:
