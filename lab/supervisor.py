@@ -12,6 +12,7 @@ import contextlib
 import http.client
 import itertools
 import os
+import resource
 import signal
 import ssl
 import time
@@ -27,6 +28,10 @@ from lab.redirect_mode import in_cgroup
 from lab.state import LabDir
 
 LOG_TAIL_LINES = 20
+# Descriptors every lab process may open: a node proxy holding 10,000 connections
+# (the soak, tests/e2e/test_soak.py) needs two or more each. The proxy still sets
+# its own soft limit; this is the ceiling it can reach, whatever the shell gave us.
+LAB_NOFILE = 1 << 16
 STOP_GRACE_SECONDS = 5.0
 # What the lab starts is `python -m lab.app` or `python -m trellis …`, run through
 # `ip netns exec` (which execs in place, so the pid stays the same).
@@ -48,6 +53,7 @@ def spawn(labdir: LabDir, spec: ProcessSpec) -> int:
     enter = (["nsenter", f"--net=/run/netns/{spec.netns}"] if spec.host_mounts
              else ["ip", "netns", "exec", spec.netns])
     argv = list(in_cgroup(spec.cgroup, [*enter, *spec.argv]))
+    raise_nofile(LAB_NOFILE)
     # posix_spawn, not Popen: no Popen object that warns when dropped while its child
     # runs on, and setsid so a Ctrl-C at the terminal does not reach the lab.
     pid = os.posix_spawnp(argv[0], argv, env, setsid=True, file_actions=[
@@ -58,6 +64,22 @@ def spawn(labdir: LabDir, spec: ProcessSpec) -> int:
     ])
     labdir.pid(spec.name).write_text(f"{pid}\n")
     return pid
+
+
+def raise_nofile(wanted: int) -> None:
+    """Raise this process's RLIMIT_NOFILE (soft and hard) to at least ``wanted``, as far
+    as the kernel allows: posix_spawn has no per-child limit, and children inherit ours.
+    Never lowers a limit; without the privilege to raise the hard one, keeps it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(OSError):
+        ceiling = int(Path("/proc/sys/fs/nr_open").read_text())
+        wanted = min(wanted, ceiling)
+    if soft >= wanted:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, max(hard, wanted)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(wanted, hard)), hard))
 
 
 def _inherited_fds() -> list[int]:
