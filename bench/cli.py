@@ -3,6 +3,7 @@
     trellis bench [--quick] [--repetitions N]
                   [--scenarios direct,trellis,trellis-ebpf,envoy,stunnel]
     trellis bench policy [--json] [--seconds S]
+    trellis bench soak [--connections 10000]
 
 The mesh benchmark runs every scenario on the namespace lab in one run (the
 lab named by $TRELLIS_LAB_DIR / $TRELLIS_LAB_NETNS_PREFIX; brought up and
@@ -20,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import policy_bench, report, runner
+from bench import policy_bench, report, runner, soak_bench
 from lab.errors import LabError
 from lab.state import LabDir
 
@@ -53,6 +54,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     policy.add_argument("--seconds", default="0.3", help="time per measured rate")
     policy.set_defaults(func=lambda args: policy_bench.main(
         ["--seconds", args.seconds, *(["--json"] if args.json else [])]))
+    soak = commands.add_parser("soak", help="hold many connections through the mesh at once: "
+                                            "proxy RSS and fds per connection, and back",
+                               description=soak_bench.__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    soak.add_argument("--connections", type=int, default=soak_bench.DEFAULT_CONNECTIONS,
+                      help="connections held at once, both directions together "
+                           f"(default {soak_bench.DEFAULT_CONNECTIONS})")
+    soak.add_argument("--results-dir", default=str(RESULTS_DIR),
+                      help="where soak-<timestamp>.json goes (default: bench/results)")
+    soak.add_argument("--keep-lab", action="store_true",
+                      help="leave up a lab the bench brought up itself")
+    soak.set_defaults(func=_soak)
 
 
 def settings_from(args: argparse.Namespace) -> runner.Settings:
@@ -92,3 +105,20 @@ def _run(args: argparse.Namespace) -> int:
     print(f"chart:   {outcome.chart_path or 'not written (pip install .[bench] for matplotlib)'}")
     print(f"took {time.monotonic() - begin:.0f} s")
     return 0
+
+
+def _soak(args: argparse.Namespace) -> int:
+    try:
+        if not 2 <= args.connections <= 50_000:
+            raise LabError(f"--connections: {args.connections} is outside 2..50000")
+        if os.geteuid() != 0:
+            raise LabError("`trellis bench soak` needs root (it runs in the lab's namespaces)")
+        report, path = soak_bench.run(LabDir.from_env(), args.connections,
+                                      Path(args.results_dir), args.keep_lab,
+                                      lambda line: print(line, flush=True))
+    except (LabError, RuntimeError) as exc:
+        print(f"trellis: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"results: {path}")
+    ok = report.failed == 0 and report.opened == report.connections and report.returned
+    return 0 if ok else 1
