@@ -130,8 +130,13 @@ class BundleFile:
         while True:
             await asyncio.sleep(interval_s)
             bundle = self.check()
-            if bundle is not None:
+            if bundle is None:
+                continue
+            try:
                 on_change(bundle)
+            except Exception:  # one failed apply must not end reloading for good
+                log.exception("trust bundle change not applied", extra={"fields": {
+                    "path": str(self.path)}})
 
 
 def _read(path: Path) -> bytes:

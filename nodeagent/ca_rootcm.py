@@ -66,6 +66,7 @@ class RootPublisher:
         self._retry = retry or Backoff(0.5, 30.0)
         self._changed = asyncio.Event()
         self._verified: dict[str, str] = {}  # namespace → resourceVersion known good
+        self._failing: set[str] = set()  # namespaces whose last write failed (logged once)
         self.namespaces = Reflector(api, NAMESPACES, on_change=self._changed.set,
                                     backoff=Backoff())
         self.configmaps = Reflector(
@@ -127,6 +128,7 @@ class RootPublisher:
             ok &= outcome is not Outcome.FAILED
         for gone in self._verified.keys() - live:  # bounded by the namespaces that exist
             del self._verified[gone]
+        self._failing &= live
         return ok
 
     async def _reconcile_one(self, namespace: str, *, exists: bool) -> Outcome:
@@ -147,12 +149,15 @@ class RootPublisher:
             updated = await put_json(self._api, f"{path}/{self._name}", body)
             return self._wrote(namespace, updated, Outcome.UPDATED)
         except (WatchFailed, *CONNECTION_ERRORS) as exc:
-            log.warning("cannot publish the root ConfigMap; retrying", extra={"fields": {
-                "namespace": namespace, "configmap": self._name, "error": str(exc)}})
+            if namespace not in self._failing:  # once per failing streak, not per retry
+                self._failing.add(namespace)
+                log.warning("cannot publish the root ConfigMap; retrying", extra={"fields": {
+                    "namespace": namespace, "configmap": self._name, "error": str(exc)}})
             return Outcome.FAILED
 
     def _wrote(self, namespace: str, obj: dict[str, Any], outcome: Outcome) -> Outcome:
         self._verified[namespace] = str(obj.get("metadata", {}).get("resourceVersion", ""))
+        self._failing.discard(namespace)
         if outcome is not Outcome.UNCHANGED:
             log.info("root ConfigMap %s", outcome.value, extra={"fields": {
                 "namespace": namespace, "configmap": self._name}})

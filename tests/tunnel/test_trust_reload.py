@@ -191,3 +191,33 @@ def test_follow_hands_over_a_swapped_bundle(tmp_path: Path) -> None:
             follower.cancel()
 
     assert len(asyncio.run(main())) == 2
+
+
+def test_a_failed_apply_does_not_end_the_following(tmp_path: Path) -> None:
+    first, second, third = (CertificateAuthority.create() for _ in range(3))
+    volume = tmp_path / "ca-root"
+    bundle_file = BundleFile(kubelet_volume(volume, first.root_pem),
+                             registry=CollectorRegistry())
+
+    async def main() -> int:
+        got: asyncio.Queue[TrustBundle] = asyncio.Queue()
+        calls = 0
+
+        def apply(bundle: TrustBundle) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise RuntimeError("the first apply fails")
+            got.put_nowait(bundle)
+
+        follower = asyncio.ensure_future(bundle_file.follow(apply, interval_s=0.01))
+        try:
+            kubelet_volume(volume, first.root_pem + second.root_pem)
+            while calls == 0:
+                await asyncio.sleep(0.01)
+            kubelet_volume(volume, first.root_pem + third.root_pem)
+            return len(await asyncio.wait_for(got.get(), 10))
+        finally:
+            follower.cancel()
+
+    assert asyncio.run(main()) == 2
