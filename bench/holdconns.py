@@ -25,8 +25,10 @@ import argparse
 import asyncio
 import errno
 import json
+import os
 import resource
 import signal
+import stat
 import sys
 import time
 from collections import Counter
@@ -184,6 +186,14 @@ async def echo_all(held: Sequence[tuple[int, Held]], tally: Tally) -> int:
 
 async def stdin_closed() -> None:
     """Returns when our stdin reaches end of file (the starter let go)."""
+    mode = os.fstat(0).st_mode
+    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+        # libuv reads only pipes and sockets (it aborts on /dev/null). A file or
+        # /dev/null ends at once; a terminal holds until the deadline.
+        if os.isatty(0):
+            await asyncio.Event().wait()
+        sys.stdin.buffer.read()
+        return
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
