@@ -118,3 +118,23 @@ def test_istio_coexistence_and_root_namespace_reach_both_node_processes() -> Non
     agent = container(pod_spec(off, "DaemonSet", "trellis-agent"), "agent")
     assert "--no-istio-coexistence" in proxy["args"] and "--no-istio-coexistence" in agent["args"]
     assert "--istio-root-namespace=mesh" in proxy["args"]
+
+
+def test_the_ca_may_publish_its_bundle_and_the_proxies_see_it_change() -> None:
+    docs = template()
+    rules = docs["ClusterRole", "trellis-ca"]["rules"]
+    assert {"apiGroups": [""], "resources": ["configmaps"],
+            "verbs": ["get", "list", "watch", "create", "update"]} in rules
+    assert {"apiGroups": [""], "resources": ["namespaces"],
+            "verbs": ["get", "list", "watch"]} in rules
+    ca = container(pod_spec(docs, "Deployment", "trellis-ca"), "ca")
+    assert "--root-configmap=trellis-ca-root-cert" in ca["args"]
+    # The proxies mount that ConfigMap as a directory: the kubelet updates such a
+    # volume in place, never one mounted with subPath, so a rotation reaches them.
+    spec = pod_spec(docs, "DaemonSet", "trellis-proxy")
+    volume = next(v for v in spec["volumes"] if v.get("configMap"))
+    assert volume["configMap"]["name"] == "trellis-ca-root-cert"
+    proxy = container(spec, "proxy")
+    mount = next(m for m in proxy["volumeMounts"] if m["name"] == volume["name"])
+    assert "subPath" not in mount
+    assert f"--ca-root={mount['mountPath']}/root-cert.pem" in proxy["args"]
