@@ -26,7 +26,7 @@ from identity.certs import CertBundle, generate_key, load_pem_chain, private_key
 from identity.node_auth import StaticTokenAuthenticator, token_digest
 from tunnel import tls
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.inprocess  # real TLS on socket pairs and loopback
 
 NOW = datetime.now(UTC)
 
