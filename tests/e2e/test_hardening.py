@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.labctl import curl_json, eventually, node_metrics, node_netns, pod, trellis
+from tests.e2e.labctl import curl_json, eventually, node_metrics, trellis
 
 pytestmark = pytest.mark.e2e
 
@@ -38,9 +38,14 @@ REFUSED = "trellis_connections_refused_total"
 HANDSHAKE_FAILED = "trellis_hbone_handshake_failures_total"
 
 
-def _counted(node: str, name: str, labels: dict[str, str]) -> float:
+def _ip(lab: dict, name: str) -> str:
+    return str(next(p["ip"] for p in lab["pods"] if p["name"] == name))
+
+
+def _counted(lab: dict, node: str, name: str, labels: dict[str, str]) -> float:
+    netns = next(n["netns"] for n in lab["nodes"] if n["name"] == node)
     total = 0.0
-    for family in text_string_to_metric_families(node_metrics(node_netns(node))):
+    for family in text_string_to_metric_families(node_metrics(netns)):
         for sample in family.samples:
             if sample.name == name and labels.items() <= sample.labels.items():
                 total += sample.value
@@ -52,8 +57,8 @@ def _curl_exit(src_pod: str, url: str) -> int:
                    check=False).returncode
 
 
-def _mesh_answers() -> None:
-    answer = curl_json("frontend-1", f"http://{pod('backend-2')['ip']}:8080/")
+def _mesh_answers(lab: dict) -> None:
+    answer = curl_json("frontend-1", f"http://{_ip(lab, 'backend-2')}:8080/")
     assert answer["pod"] == "backend-2"
 
 
@@ -70,11 +75,11 @@ def test_connections_to_the_proxys_own_ports_are_refused(
         lab: dict, src_pod: str, target: str, node: str, metric: str,
         labels: dict[str, str]) -> None:
     host, port = target.split(":")
-    ip = pod(host)["ip"] if host != "127.0.0.1" else host
-    _mesh_answers()  # warm: pooled connections are open before the baseline
+    ip = _ip(lab, host) if host != "127.0.0.1" else host
+    _mesh_answers(lab)  # warm: pooled connections are open before the baseline
     fds = _proxy_fds(node)
-    before = _counted(node, metric, labels)
+    before = _counted(lab, node, metric, labels)
     assert _curl_exit(src_pod, f"http://{ip}:{port}/") in REFUSED_EXITS
-    eventually(lambda: _counted(node, metric, labels) == before + 1, timeout=5)
+    eventually(lambda: _counted(lab, node, metric, labels) == before + 1, timeout=5)
     eventually(lambda: _proxy_fds(node) <= fds + FD_SLACK, timeout=5)
-    _mesh_answers()
+    _mesh_answers(lab)
