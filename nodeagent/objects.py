@@ -365,15 +365,16 @@ def _decode(data: bytes, source: str) -> str:
 
 class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
     """The safe loader, with one gap closed: PyYAML's constructors raise a plain
-    ValueError, TypeError or AttributeError for a value that its resolver or an
-    explicit tag hands them and that does not fit (``2024-02-30``, ``!!int web``,
-    ``!!timestamp x``; found by tests/fuzz/fuzz_k8s_objects.py). Raised again as a
-    ConstructorError at the node, it names a line and column like any YAML error."""
+    ValueError, TypeError, AttributeError or LookupError for a value that its
+    resolver or an explicit tag hands them and that does not fit (``2024-02-30``,
+    ``!!int web``, ``!!int`` on nothing, ``!!bool maybe``, ``!!timestamp x``; found
+    by tests/fuzz/fuzz_k8s_objects.py). Raised again as a ConstructorError at the
+    node, it names a line and column like any YAML error."""
 
     def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
         try:
             return super().construct_object(node, deep)
-        except (ValueError, TypeError, AttributeError) as err:
+        except (ValueError, TypeError, AttributeError, LookupError) as err:
             value = f"{node.value!r} " if isinstance(node, yaml.ScalarNode) else ""
             kind = node.tag.rsplit(":", 1)[-1]
             raise yaml.constructor.ConstructorError(

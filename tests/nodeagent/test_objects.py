@@ -278,12 +278,16 @@ def test_bytes_that_are_not_utf8_name_the_position(tmp_path: Path) -> None:
     ("kind: !!float Pod\n", "line 1, column 7", "could not convert string to float"),
     ("metadata:\n  !!timestamp namespace: demo\n", "line 2, column 3",
      "is not a valid !!timestamp"),
-], ids=["timestamp-out-of-range", "int-tag", "float-tag", "timestamp-tag"])
+    ("kind: Pod\nmetadata: {name: !!int }\n", "line 2, column 18", "string index out of range"),
+    ("kind: Pod\nspec: {hostNetwork: !!bool maybe}\n", "line 2, column 21", "'maybe'"),
+], ids=["timestamp-out-of-range", "int-tag", "float-tag", "timestamp-tag", "empty-int-tag",
+        "bool-tag"])
 def test_a_value_yaml_cannot_construct_names_its_line_and_column(
         text: str, where: str, problem: str) -> None:
-    # Found by tests/fuzz/fuzz_k8s_objects.py: PyYAML's constructors raise ValueError or
-    # AttributeError, not a YAMLError, for these; they escaped parse_yaml, and with them
-    # the file source's loop, which promises to keep the last good snapshot.
+    # Found by tests/fuzz/fuzz_k8s_objects.py: PyYAML's constructors raise ValueError,
+    # AttributeError, IndexError or KeyError, not a YAMLError, for these; they escaped
+    # parse_yaml, and with them the file source's loop, which promises to keep the last
+    # good snapshot.
     with pytest.raises(SourceError, match=rf"^pods.yaml: {where}: .*{problem}"):
         parse_yaml(text, source="pods.yaml")
 
