@@ -223,14 +223,15 @@ def test_lab_apply_refuses_an_invalid_policy_and_changes_nothing(
         lab: dict, tmp_path: Path, applied: list[Path]) -> None:
     """As admission does on a cluster: the loader's error, a failure status, no change."""
     backend2 = pod("backend-2")
-    before = _workloads().read_text()
+    record = _workloads().with_name("lab.json")
+    before = _workloads().read_text(), record.read_text()
     path = _write(tmp_path, "mixed.yaml", MALFORMED + "---\n" + STRICT_MTLS)
     result = trellis("lab", "apply", "-f", str(path), check=False)
     assert result.returncode == 2, result.stdout
     assert result.stdout == ""
     assert ("demo/broken: rules[0].from[0].source.ipBlocks[0]: '10.0.0.300/8' is not a CIDR"
             in result.stderr) and "nothing was applied" in result.stderr
-    assert _workloads().read_text() == before
+    assert (_workloads().read_text(), record.read_text()) == before
     assert _reaches("legacy-1", backend2["ip"])  # strict-mtls, in the same file, was not applied
 
 
