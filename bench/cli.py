@@ -120,5 +120,6 @@ def _soak(args: argparse.Namespace) -> int:
         print(f"trellis: error: {exc}", file=sys.stderr)
         return 2
     print(f"results: {path}")
-    ok = report.failed == 0 and report.opened == report.connections and report.returned
+    ok = report.memory_reused() and all(
+        r.failed == 0 and r.opened == report.connections and r.fds_back for r in report.rounds)
     return 0 if ok else 1
