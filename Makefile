@@ -86,9 +86,11 @@ lint: setup
 manifests: setup
 	deploy/render-manifests.sh $(HELM) > deploy/manifests/trellis.yaml
 
-# `make bench` (about 8 minutes); `make bench-quick` or `make bench BENCH_ARGS=--quick`.
+# `make bench` (about 10 minutes, the 10,000-connection soak included); `make
+# bench-quick` or `make bench BENCH_ARGS=--quick`.
 bench: setup
 	$(TRELLIS) bench $(BENCH_ARGS)
+	$(TRELLIS) bench soak
 
 bench-quick: setup
 	$(TRELLIS) bench --quick $(BENCH_ARGS)
