@@ -136,12 +136,13 @@ class KubectlDriver:
         return _run([*self.kubectl, "-n", pod.namespace, "exec", pod.name, "--", *argv])
 
     def metrics(self, node: str) -> str:
-        agents = [p for p in self._pods(self.system_namespace,
-                                        "app.kubernetes.io/component=agent")
-                  if p["spec"].get("nodeName") == node]
-        if not agents:
-            raise RuntimeError(f"no running trellis agent on node {node}")
-        name = agents[0]["metadata"]["name"]
+        # The Istio-named metrics are the node proxy's (DaemonSet trellis-proxy).
+        proxies = [p for p in self._pods(self.system_namespace,
+                                         "app.kubernetes.io/component=proxy")
+                   if p["spec"].get("nodeName") == node]
+        if not proxies:
+            raise RuntimeError(f"no running trellis proxy on node {node}")
+        name = proxies[0]["metadata"]["name"]
         return _ok([*self.kubectl, "get", "--raw",
                     f"/api/v1/namespaces/{self.system_namespace}/pods/{name}:15020/proxy/metrics"])
 
@@ -243,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--namespace", default="demo")
     parser.add_argument("--trust-domain", default="cluster.local")
     parser.add_argument("--system-namespace", default="trellis-system",
-                        help="kubectl: where the agent DaemonSet runs")
+                        help="kubectl: where the proxy and agent DaemonSets run")
     parser.add_argument("--trellis", default="trellis",
                         help="lab: the trellis command (e.g. '.venv/bin/trellis')")
     parser.add_argument("--kubectl", default="kubectl", help="kubectl: the kubectl command")

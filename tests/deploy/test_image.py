@@ -156,6 +156,20 @@ def test_the_ebpf_target_adds_bcc_and_kernel_headers() -> None:
     assert stages[""][0][1] == "runtime"
 
 
+def test_the_demo_app_has_an_image_of_its_own() -> None:
+    demo = _stages()["demo"]
+    copies = [rest for word, rest in demo if word == "COPY"]
+    assert copies == ["lab/app.py /opt/trellis-demo/app.py"]  # the app, not the lab
+    assert ("USER", "65532:65532") in demo
+    # Standard library only: it runs without the mesh's packages.
+    tree = ast.parse((ROOT / "lab" / "app.py").read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree)
+                if isinstance(node, ast.Import) for alias in node.names} | {
+        node.module.split(".")[0] for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module}
+    assert imported <= set(sys.stdlib_module_names) | {"__future__"}, imported
+
+
 _BLOCKED_RUN = """
 import importlib.abc, runpy, sys
 class LeftOut(importlib.abc.MetaPathFinder):

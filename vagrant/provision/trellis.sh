@@ -3,23 +3,36 @@
 # k3s's built-in Helm controller, so no helm binary is needed here), the demo
 # app, enrollment of its namespace, then the smoke test.
 set -euo pipefail
+# Vagrant uploads each script alone (to /tmp); lib.sh is in the synced repository.
+source "${TRELLIS_LIB:-/trellis/vagrant/provision/lib.sh}"
 kubectl() { k3s kubectl "$@"; }
 ns=trellis-system
 trust_domain=cluster.local
+nodes=3
 
-echo "trellis: waiting for 3 Ready nodes"
-for _ in $(seq 120); do
-  ready=$(kubectl get nodes --no-headers 2>/dev/null | awk '$2 == "Ready"' | wc -l)
-  [ "$ready" -ge 3 ] && break
-  sleep 5
-done
+ready_nodes() {
+  [ "$(kubectl get nodes --no-headers 2>/dev/null | awk '$2 == "Ready"' | wc -l)" -ge "$nodes" ]
+}
+# Every node's kubelet lists the images its containerd holds (provision/image.sh
+# imports them from the server's tarball).
+images_everywhere() {
+  local with
+  with=$(kubectl get nodes -o jsonpath='{range .items[*]}{.status.images[*].names}{"\n"}{end}' \
+    | grep -c 'trellis:dev' || true)
+  [ "$with" -ge "$nodes" ]
+}
+echo "trellis: waiting for $nodes Ready nodes"
+wait_for "$nodes Ready nodes" 1800 ready_nodes
 kubectl get nodes
+echo "trellis: waiting for the images on every node"
+wait_for "trellis:dev on $nodes nodes" 1800 images_everywhere
 
 kubectl create namespace "$ns" --dry-run=client -o yaml | kubectl apply -f -
 if ! kubectl -n "$ns" get secret trellis-ca-root >/dev/null 2>&1; then
   echo "trellis: creating the CA root"
   root=$(mktemp -d)
-  docker run --rm -v "$root:/out" --entrypoint python3 trellis:dev -c \
+  # As root in the container: the image's default user cannot write to $root.
+  docker run --rm --user 0:0 -v "$root:/out" --entrypoint python3 trellis:dev -c \
     "from pathlib import Path; from identity.ca import CertificateAuthority; \
 CertificateAuthority.load_or_create(Path('/out'), '$trust_domain')"
   kubectl -n "$ns" create secret generic trellis-ca-root \
@@ -50,12 +63,11 @@ spec:
       binDir: $cni_bin
       confDir: /var/lib/rancher/k3s/agent/etc/cni/net.d
 YAML
+chart_applied() { kubectl -n "$ns" get ds/trellis-agent ds/trellis-proxy >/dev/null 2>&1; }
 echo "trellis: waiting for the chart"
-for _ in $(seq 60); do
-  kubectl -n "$ns" get ds/trellis-agent >/dev/null 2>&1 && break
-  sleep 5
-done
+wait_for "k3s's Helm controller to install the chart" 600 chart_applied
 kubectl -n "$ns" rollout status deploy/trellis-ca --timeout=300s
+kubectl -n "$ns" rollout status ds/trellis-proxy --timeout=300s
 kubectl -n "$ns" rollout status ds/trellis-agent --timeout=300s
 
 kubectl apply -f /trellis/vagrant/demo.yaml
