@@ -535,6 +535,7 @@ class _HboneProtocol:
         length = (length_hi << 16) | length_lo
         stream_id &= _STREAM_ID_MASK
         if length > MAX_FRAME_SIZE:
+            self._feed_h2()  # frames before it first: a GOAWAY among them ends the read
             self._connection_error(ErrorCodes.FRAME_SIZE_ERROR,
                                    f"frame of {length} bytes, limit {MAX_FRAME_SIZE}")
         if frame_type == _DATA and not self._in_header_block:

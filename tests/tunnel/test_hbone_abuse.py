@@ -292,3 +292,16 @@ def _frames(wire: bytes) -> list[tuple[int, int]]:
         frames.append((wire[pos + 3], int.from_bytes(wire[pos + 5:pos + 9], "big") & 0x7FFFFFFF))
         pos += 9 + length
     return frames
+
+
+def test_an_oversized_frame_after_an_error_goaway_in_the_same_read_is_not_judged() -> None:
+    """fuzz_hbone_frames: the size check ran before the GOAWAY ahead of it was read."""
+    server, raw = _server_and_raw()
+    raw.close_connection(ErrorCodes.INTERNAL_ERROR)
+    oversized = (hbone.MAX_FRAME_SIZE + 1).to_bytes(3, "big") + b"\x00\x00\x00\x00\x00\x01"
+    events = server.receive_data(raw.data_to_send() + oversized)
+    assert [type(e) for e in events] == [hbone.ConnectionTerminated]
+    # Positive control: the same frame without the GOAWAY is refused.
+    server, raw = _server_and_raw()
+    with pytest.raises(hbone.RemoteProtocolError):
+        server.receive_data(oversized)
