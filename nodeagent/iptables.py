@@ -90,7 +90,7 @@ def _rules(pod_ip: str) -> dict[str, tuple[str, ...]]:
             # HBONE arrives already tunnelled: straight to the proxy's real listener.
             f"-A {PRERT} -p tcp -m tcp --dport {INBOUND_HBONE_PORT} -j ACCEPT",
             f"-A {PRERT} -m mark --mark {mark} -j ACCEPT",
-            f"-A {PRERT} ! -d 127.0.0.1/32 -p tcp -j REDIRECT --to-ports {INBOUND_PLAINTEXT_PORT}",
+            f"-A {PRERT} ! -d 127.0.0.0/8 -p tcp -j REDIRECT --to-ports {INBOUND_PLAINTEXT_PORT}",
             # No exception for TCP *to* PROBE_SOURCE: a probe's replies belong to a
             # connection nat has already seen, so they never come here; a connection
             # the app opens to that address is the app's own, and is captured.
@@ -98,7 +98,9 @@ def _rules(pod_ip: str) -> dict[str, tuple[str, ...]]:
             f"-A {OUTPUT} -d {ip}/32 -o lo -p tcp -j ACCEPT",
             f"-A {OUTPUT} -m mark --mark {mark} -j ACCEPT",
             f"-A {OUTPUT} -m connmark --mark {connmark} -j ACCEPT",
-            f"-A {OUTPUT} ! -d 127.0.0.1/32 -p tcp -j REDIRECT --to-ports {OUTBOUND_PORT}",
+            # All of 127.0.0.0/8 is the pod's own loopback, as eBPF mode treats it: a
+            # connection there never leaves the pod, and the proxy refuses it anyway.
+            f"-A {OUTPUT} ! -d 127.0.0.0/8 -p tcp -j REDIRECT --to-ports {OUTBOUND_PORT}",
         ),
     }
 
