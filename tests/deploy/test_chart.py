@@ -484,6 +484,25 @@ def test_bad_values_are_refused_by_the_schema(values: list[str]) -> None:
     assert "values don't meet the specifications of the schema" in _refused(*values)
 
 
+CRD_FILE = CHART / "files" / "crds" / "authorizationpolicies.security.trellis.dev.yaml"
+
+
+def test_the_crd_is_a_template_so_upgrades_update_it() -> None:
+    # Not in crds/ (installed once, never upgraded): plain `helm template` output, which
+    # is what `helm upgrade` applies, carries it.
+    assert not (CHART / "crds").exists()
+    done = subprocess.run([_helm(), "template", "trellis", str(CHART), "--namespace",
+                           "trellis-system"], capture_output=True, text=True, timeout=120,
+                          check=True)
+    docs = _docs(done.stdout)
+    crd = docs["CustomResourceDefinition", "authorizationpolicies.security.trellis.dev"]
+    assert crd == yaml.safe_load(CRD_FILE.read_text())  # the file, as it is
+    # Uninstalling the release must not delete every policy with the CRD.
+    assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    without = _docs(_template("--set", "crds.install=false"))
+    assert not any(kind == "CustomResourceDefinition" for kind, _ in without)
+
+
 def test_plain_manifests_are_up_to_date() -> None:
     done = subprocess.run([str(ROOT / "deploy" / "render-manifests.sh"), _helm()],
                           capture_output=True, text=True, timeout=120, check=True)

@@ -31,7 +31,7 @@ from policy import Document, load_policies
 
 pytestmark = pytest.mark.unit
 
-CRD = (Path(__file__).resolve().parents[2] / "deploy" / "charts" / "trellis" / "crds"
+CRD = (Path(__file__).resolve().parents[2] / "deploy" / "charts" / "trellis" / "files" / "crds"
        / "authorizationpolicies.security.trellis.dev.yaml")
 Schema = dict[str, Any]
 
