@@ -30,6 +30,7 @@ import asyncio
 import logging
 import socket
 import ssl
+import traceback
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -326,11 +327,14 @@ class _HboneConnection:
             self._flush()
             self._shut(f"protocol error: {exc}", graceful=True)
             return
-        except Exception:
+        except Exception as exc:
             # Only the core's own errors may leave receive_data; anything else is
-            # our bug. Fail closed: drop this connection, keep the traceback.
-            log.exception("HBONE core failed on input from %s; closing the connection",
-                          self.peer_identity)
+            # our bug. Fail closed: drop this connection, keep the traceback (at a
+            # bounded rate: a peer that found the bug could repeat it at will).
+            _peer_log.log(logging.ERROR, "internal_error",
+                          f"HBONE core failed on a peer's input; connection closed: {exc!r}",
+                          {"peer": str(self.peer_identity),
+                           "traceback": traceback.format_exc()})
             self._shut("internal error", graceful=False)
             return
         handlers = self._HANDLERS
@@ -793,8 +797,9 @@ class _HboneServerConnection(_HboneConnection):
             self._metrics.hbone_peer_errors.labels(exc.fault.value).inc()
 
     def _on_refused(self, event: hbone.RequestRefused) -> None:
-        log.info("refused HBONE request from %s: %s", self.peer_identity, event.reason,
-                 extra={"fields": {"peer": str(self.peer_identity), "status": event.status}})
+        _peer_log.log(logging.INFO, "request_refused",
+                      f"refused HBONE request from {self.peer_identity}: {event.reason}",
+                      {"peer": str(self.peer_identity), "status": event.status})
 
     _HANDLERS: ClassVar[dict[type, Callable[..., None]]] = {
         **_HboneConnection._HANDLERS,

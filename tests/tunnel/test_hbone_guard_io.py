@@ -480,3 +480,39 @@ def test_the_pool_opens_another_connection_past_its_stream_cap(
             app.close()
 
     run(main)
+
+
+def test_a_bug_in_the_core_closes_that_connection_only(
+        frontend_bundle: CertBundle, backend_bundle: CertBundle,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Fail closed: an exception the core should never raise drops the connection it
+    came from (logged with its traceback), not the listener or the loop."""
+    original = hbone.HboneServerProtocol.receive_data
+    armed = True
+
+    def broken(self: hbone.HboneServerProtocol, data: bytes) -> list[hbone.Event]:
+        if armed and self.peer_settings_received:
+            raise KeyError("a bug")
+        return original(self, data)
+
+    monkeypatch.setattr(hbone.HboneServerProtocol, "receive_data", broken)
+
+    async def main() -> None:
+        nonlocal armed
+        env = await HboneEnv(frontend_bundle, backend_bundle).start()
+        try:
+            conn = await env.connect()
+            with pytest.raises(TunnelClosed):
+                await conn.open_stream("127.0.0.1:9", [])
+            await asyncio.wait_for(conn.wait_closed(), 5)
+            [record] = [r for r in caplog.records if "HBONE core failed" in r.getMessage()]
+            assert "KeyError: 'a bug'" in record.fields["traceback"]  # type: ignore[attr-defined]
+            armed = False
+            again = await env.connect()  # positive control: the listener serves on
+            assert again.is_usable
+            again.close()
+            await again.wait_closed()
+        finally:
+            await env.close()
+
+    run(main)
