@@ -77,8 +77,7 @@ def load_roots(path: Path) -> tuple[x509.Certificate, ...]:
     roots = load_certs(path)
     for root in roots:
         if not _self_signed(root) or not _is_ca(root):
-            raise CaStateError(f"{path}: {root.subject.rfc4514_string()!r} is not a "
-                               f"self-signed CA certificate")
+            raise CaStateError(f"{path}: {_name(root)} is not a self-signed CA certificate")
     return tuple(dict.fromkeys(roots))
 
 
@@ -111,9 +110,8 @@ def _check_leads_to_a_root(issuers: list[x509.Certificate],
                            roots_path: Path) -> None:
     for child, parent in itertools.pairwise(issuers):
         if not _issued_by(child, parent):
-            raise CaStateError(f"{chain_path}: {child.subject.rfc4514_string()!r} is not "
-                               f"signed by the next certificate, "
-                               f"{parent.subject.rfc4514_string()!r}")
+            raise CaStateError(f"{chain_path}: {_name(child)} is not signed by the next "
+                               f"certificate, {_name(parent)}")
     if not any(_issued_by(issuers[-1], root) for root in roots):
         raise CaStateError(f"{chain_path} does not lead to a root in {roots_path}")
 
@@ -127,13 +125,25 @@ def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
 
 
 def _self_signed(cert: x509.Certificate) -> bool:
-    return cert.subject == cert.issuer and _issued_by(cert, cert)
+    try:
+        same = cert.subject == cert.issuer
+    except (ValueError, TypeError):  # names are decoded lazily, and may not decode
+        return False
+    return same and _issued_by(cert, cert)
+
+
+def _name(cert: x509.Certificate) -> str:
+    try:
+        return repr(cert.subject.rfc4514_string())
+    except (ValueError, TypeError):
+        return f"the certificate with serial {cert.serial_number:x} (subject unreadable)"
 
 
 def _is_ca(cert: x509.Certificate) -> bool:
     try:
         basic = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
         usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
-    except (x509.ExtensionNotFound, ValueError):
+    except (x509.ExtensionNotFound, x509.DuplicateExtension, x509.UnsupportedGeneralNameType,
+            ValueError):
         return False
     return basic.ca and usage.key_cert_sign

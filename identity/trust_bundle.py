@@ -63,10 +63,12 @@ class TrustBundle:
             certs = x509.load_pem_x509_certificates(data)
         except (ValueError, x509.InvalidVersion) as exc:
             raise TrustBundleError(f"{source}: no PEM certificate: {exc}") from None
-        for cert in certs:
+        for number, cert in enumerate(certs, 1):
             if not _is_ca(cert):
-                raise TrustBundleError(f"{source}: {cert.subject.rfc4514_string()!r} is not "
-                                       "a CA certificate")
+                # Named by position: its subject is decoded lazily and may not decode
+                # (found by tests/fuzz/fuzz_trust_bundle.py).
+                raise TrustBundleError(f"{source}: certificate {number} of {len(certs)} is "
+                                       "not a CA certificate")
         ders = [c.public_bytes(serialization.Encoding.DER) for c in certs]
         pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
         return cls(pem, frozenset(fingerprint(der) for der in ders))
@@ -159,7 +161,10 @@ def _stamp(path: Path) -> tuple[int, int, int, int] | None:
 
 
 def _is_ca(cert: x509.Certificate) -> bool:
+    # Extensions are decoded only here: a duplicate or undecodable one is "not a CA",
+    # never an exception that would end the bundle's follower.
     try:
         return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
-    except (x509.ExtensionNotFound, ValueError):
+    except (x509.ExtensionNotFound, x509.DuplicateExtension, x509.UnsupportedGeneralNameType,
+            ValueError):
         return False
