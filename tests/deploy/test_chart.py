@@ -429,6 +429,14 @@ def test_the_escalation_check_sees_a_false_claim() -> None:
     assert _sys_admin_escalation_errors(docs) == ["agent"]
 
 
+def test_a_quota_needs_a_priority_class() -> None:
+    stderr = _refused("--set", "resourceQuota.enabled=true", "--set", "agent.priorityClassName=")
+    assert "resourceQuota.enabled needs agent.priorityClassName" in stderr
+    # Without a priority class the pods simply carry none.
+    docs = _docs(_template("--set", "agent.priorityClassName="))
+    assert not any("priorityClassName" in pod["spec"] for pod in _all_pods(docs))
+
+
 def test_capabilities_with_the_cap_prefix_are_refused() -> None:
     stderr = _refused("--set", "agent.extraCapabilities={CAP_BPF}")
     assert "agent.extraCapabilities: CAP_BPF: name capabilities without the CAP_ prefix" in stderr

@@ -56,7 +56,9 @@ seccompProfile:
 both: an enrolled pod on a node with an agent but no proxy would have its traffic
 refused. Linux only: the agent, the proxy and the CNI plugin are Linux programs. */}}
 {{- define "trellis.nodePodScheduling" -}}
-priorityClassName: {{ .Values.agent.priorityClassName }}
+{{- with .Values.agent.priorityClassName -}}
+priorityClassName: {{ . }}
+{{ end -}}
 nodeSelector:
   {{- toYaml (merge (dict "kubernetes.io/os" "linux") (.Values.agent.nodeSelector | default dict)) | nindent 2 }}
 {{- with .Values.agent.affinity }}
@@ -103,6 +105,9 @@ securityContext:
 {{- end -}}
 {{- if eq (clean .Values.proxy.controlSocketDir) (clean .Values.cni.socketDir) -}}
 {{- fail (printf "proxy.controlSocketDir and cni.socketDir are both %s: the proxy's pod mounts the control socket's directory, and must not reach the agent's CNI socket" .Values.cni.socketDir) -}}
+{{- end -}}
+{{- if and .Values.resourceQuota.enabled (not .Values.agent.priorityClassName) -}}
+{{- fail "resourceQuota.enabled needs agent.priorityClassName: the quota admits the node pods by their priority class" -}}
 {{- end -}}
 {{- $ports := dict -}}
 {{- range $name, $port := dict "proxy.metricsPort" .Values.proxy.metricsPort "proxy.readinessPort" .Values.proxy.readinessPort "agent.metricsPort" .Values.agent.metricsPort "agent.readinessPort" .Values.agent.readinessPort -}}
