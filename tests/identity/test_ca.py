@@ -175,6 +175,37 @@ def test_a_csr_that_fails_only_when_read_is_refused_not_raised(
     assert message in refusal.reason
 
 
+def _der(tag: int, body: bytes) -> bytes:
+    size = len(body)
+    if size < 0x80:
+        return bytes([tag, size]) + body
+    octets = size.to_bytes((size.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(octets)]) + octets + body
+
+
+def test_a_csr_signed_over_a_duplicate_extension_is_refused_not_raised(
+        ca: CertificateAuthority, registry: StaticRegistry) -> None:
+    # The caller signs its CSR, so a malformed one passes the signature check. This one
+    # has two subjectAltNames (its basicConstraints OID made the SAN's); cryptography
+    # raised DuplicateExtension out of sign_workload when the SANs were read.
+    key = generate_key()
+    info = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(BACKEND.uri)]), critical=True)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=False)
+            .sign(key, hashes.SHA256()).tbs_certrequest_bytes)
+    basic_constraints, san = bytes.fromhex("0603551d13"), bytes.fromhex("0603551d11")
+    assert info.count(basic_constraints) == 1
+    info = info.replace(basic_constraints, san)
+    ecdsa_with_sha256 = bytes.fromhex("300a06082a8648ce3d040302")
+    der = _der(0x30, info + ecdsa_with_sha256
+               + _der(0x03, b"\0" + key.sign(info, ec.ECDSA(hashes.SHA256()))))
+    pem = x509.load_der_x509_csr(der).public_bytes(serialization.Encoding.PEM)
+    refusal = _refusal(ca, pem, registry)
+    assert refusal.kind is RefusalKind.MALFORMED
+    assert refusal.reason.startswith("CSR extensions cannot be read: Duplicate")
+
+
 def test_refuses_keys_other_than_p256(ca: CertificateAuthority, registry: StaticRegistry) -> None:
     csr = _csr([x509.UniformResourceIdentifier(BACKEND.uri)], key=ec.generate_private_key(
         ec.SECP384R1()))
