@@ -70,6 +70,12 @@ STREAM_SEND_LOW_WATER = 0
 # The TLS transport's queue: past this, every stream of the connection pauses.
 # It only fills while the socket is full, and each byte queued is a copy.
 TLS_WRITE_HIGH_WATER = 256 * 1024
+# Past this the transport stops reading until its queue drained. Our own DATA can
+# queue up to what the peer's window admits (16 MiB for Trellis, ztunnel and our
+# Envoy configuration) past the high-water mark, and two sides that each stop
+# reading with data queued would wait on each other for ever: the limit stays
+# above that. Answers a peer makes us queue are capped far lower, by the core.
+TLS_READ_LIMIT = hbone.CONNECTION_WINDOW + TLS_WRITE_HIGH_WATER + 1024 * 1024
 
 
 class TunnelError(Exception):
@@ -307,6 +313,7 @@ class _HboneConnection:
     def connection_made(self, transport: tls_io.TlsTransport) -> None:
         self._transport = transport
         transport.set_write_buffer_limits(high=TLS_WRITE_HIGH_WATER)
+        transport.set_read_limit(TLS_READ_LIMIT)
         try:
             self._check_peer(transport.get_extra_info("ssl_object"))
         except (PeerIdentityError, PeerIdentityMismatch, TunnelClosed) as exc:

@@ -25,11 +25,15 @@ test) but Python has no API for it, only ctypes into ``SSLContext``'s C struct;
 not taken. kTLS would save the rest, but the lab's kernel has no ``tls`` ULP.
 
 Back-pressure runs both ways. Past the write high-water mark the protocol is
-told to pause writing, and the transport also stops *reading* until the queue
-has gone out: a peer that sends and never reads (a PING or SETTINGS flood, each
-answered with an ACK) would otherwise grow the queue without end (issue 10
-measured 34 MiB in 4 s). This is what the h2 crate under ztunnel does too: it
-reads no frame while it cannot queue its answer.
+told to pause writing; past the *read limit* (`set_read_limit`) the transport
+also stops reading until the queue has gone out, so a peer that sends and never
+reads cannot grow the queue without end (issue 10 measured 34 MiB in 4 s of a
+PING/SETTINGS flood, each answered with an ACK). The read limit is not the
+high-water mark: two peers that both write bulk data and stop reading while
+their own queue is full wait on each other for ever (a full-duplex transfer over
+small socket buffers stalled that way in a test). So the protocol sets it above
+what its own data can queue (HBONE: what the peer's flow-control window admits),
+and caps what the peer can make it *answer* itself (`hbone.MAX_UNSENT_ANSWERS`).
 
 The transport implements the part of ``asyncio.Transport`` that HBONE uses and
 calls the usual ``asyncio.Protocol`` methods. ``data_received`` gets a view of
@@ -139,7 +143,8 @@ class TlsTransport:
         self._protocol_paused = False
         self._reading = True          # the reader is registered with the loop
         self._read_wanted = True      # not paused by pause_reading()
-        self._read_held = False       # stopped while the write queue is past high water
+        self._read_limit: int | None = None  # None: reading never waits for writes
+        self._read_held = False       # stopped while the write queue is past the read limit
         self._closing = False         # close() called: flush, then shut down
         self._closed = False          # the descriptor is gone
         self._lingering = False       # closed for the protocol; draining the socket
@@ -165,6 +170,10 @@ class TlsTransport:
     def get_write_buffer_size(self) -> int:
         return len(self._out)
 
+    def set_read_limit(self, limit: int | None) -> None:
+        """Stop reading while more than `limit` bytes wait to be written (None: never)."""
+        self._read_limit = limit
+
     @property
     def reading_held(self) -> bool:
         """Reading stopped because the peer does not read what we write."""
@@ -181,13 +190,13 @@ class TlsTransport:
             # SSL_write may already have sent records from `data`; its retry must
             # see the same bytes, and OpenSSL accepts them from a new address.
             self._out = bytearray(data)
-        if len(self._out) > self._high_water:
-            if not self._read_held:
-                self._read_held = True
-                self._stop_reading()
-            if not self._protocol_paused:
-                self._protocol_paused = True
-                self._protocol.pause_writing()
+        queued = len(self._out)
+        if queued > self._high_water and not self._protocol_paused:
+            self._protocol_paused = True
+            self._protocol.pause_writing()
+        if self._read_limit is not None and queued > self._read_limit and not self._read_held:
+            self._read_held = True
+            self._stop_reading()
 
     def pause_reading(self) -> None:
         self._read_wanted = False

@@ -104,7 +104,7 @@ class HboneEnv:
                  gate: HandshakeGate | None = None,
                  max_streams: int = hbone.MAX_CONCURRENT_STREAMS,
                  pool_streams: int = hbone.MAX_CONCURRENT_STREAMS,
-                 connect_timeout: float = 5.0) -> None:
+                 connect_timeout: float = 5.0, socket_buffers: int | None = None) -> None:
         self.client_bundle = client_bundle
         self.server_bundle = server_bundle
         self.inbound = InboundRelay()
@@ -118,13 +118,16 @@ class HboneEnv:
         self.gate = gate or HandshakeGate()
         self.max_streams = max_streams
         self.connect_timeout = connect_timeout
+        # Kernel buffers of the HBONE sockets (both ends): small, to make the TLS
+        # queues fill on loopback.
+        self.socket_buffers = socket_buffers
         self.listener: HboneListener | None = None
         self._servers: list[asyncio.Server | HboneListener] = []
         self.hbone_address: tuple[str, int] = ("", 0)
         self.outbound_address: tuple[str, int] = ("", 0)
 
     async def start(self) -> HboneEnv:
-        sock = listening_socket()
+        sock = self._sized(listening_socket())
         self.hbone_address = sock.getsockname()
         server = await serve_hbone(sock, self.server_ctx, self._count_and_handle,
                                    trust_domain=TRUST_DOMAIN, gate=self.gate,
@@ -148,8 +151,14 @@ class HboneEnv:
     async def connect(self) -> HboneConnection:
         self.tls_connections += 1
         return await HboneConnection.connect(
-            client_socket(), self.hbone_address, self.client_ctx, self.expected_peer,
+            self._sized(client_socket()), self.hbone_address, self.client_ctx, self.expected_peer,
             trust_domain=TRUST_DOMAIN, connect_timeout=self.connect_timeout)
+
+    def _sized(self, sock: socket.socket) -> socket.socket:
+        if self.socket_buffers is not None:  # accepted sockets inherit the listener's
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.socket_buffers)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.socket_buffers)
+        return sock
 
     def _on_outbound(self, endpoint: TcpEndpoint) -> None:
         tasks.spawn(self._outbound(endpoint), name="test-outbound")

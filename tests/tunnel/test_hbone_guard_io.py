@@ -516,3 +516,61 @@ def test_a_bug_in_the_core_closes_that_connection_only(
             await env.close()
 
     run(main)
+
+
+def test_full_duplex_bulk_does_not_stall_on_the_read_hold(
+        frontend_bundle: CertBundle, backend_bundle: CertBundle,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both ends of the tunnel write as fast as they can and read at the same time,
+    over small kernel buffers, so both TLS queues pass their high-water mark. Had
+    the transport stopped reading there (the read limit at the high-water mark),
+    each side would wait for the other to read: this transfer stalled for good.
+    Every byte must arrive both ways."""
+    size = 48 * 1024 * 1024
+    block = os.urandom(1024 * 1024)
+    pauses = 0
+    original_write = tls_io.TlsTransport.write
+
+    def counted_write(self: tls_io.TlsTransport, data: bytes | bytearray | memoryview) -> None:
+        nonlocal pauses
+        paused = self._protocol_paused
+        original_write(self, data)
+        pauses += not paused and self._protocol_paused
+
+    monkeypatch.setattr(tls_io.TlsTransport, "write", counted_write)
+
+    async def sender(writer: asyncio.StreamWriter) -> None:
+        for _ in range(size // len(block)):
+            writer.write(block)
+            await writer.drain()
+        writer.write_eof()
+
+    async def count(reader: asyncio.StreamReader) -> int:
+        total = 0
+        while data := await reader.read(1 << 20):
+            total += len(data)
+        return total
+
+    async def app_side(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        _, received = await asyncio.gather(sender(writer), count(reader))
+        app_received.append(received)
+        writer.close()
+
+    app_received: list[int] = []
+
+    async def main() -> None:
+        app = await asyncio.start_server(app_side, "127.0.0.1", 0)
+        env = await HboneEnv(frontend_bundle, backend_bundle, socket_buffers=32 * 1024).start()
+        env.app_address = app.sockets[0].getsockname()
+        try:
+            reader, writer = await asyncio.open_connection(*env.outbound_address)
+            _, received = await asyncio.gather(sender(writer), count(reader))
+            writer.close()
+            assert received == size
+            await _until(lambda: app_received == [size], "the app got everything")
+            assert pauses > 0  # the queues did fill: this is not a test of a quiet path
+        finally:
+            await env.close()
+            app.close()
+
+    run(main, timeout=60)

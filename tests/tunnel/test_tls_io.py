@@ -108,11 +108,12 @@ def test_bulk_through_a_full_socket_arrives_intact_with_back_pressure(
 def test_a_peer_that_does_not_read_stops_our_reading_until_our_queue_drains(
         frontend_bundle: CertBundle, backend_bundle: CertBundle) -> None:
     """Issue 10: a peer that sends and never reads made the queue of our answers grow
-    without end, because we kept reading. Past the high-water mark we stop reading."""
+    without end, because we kept reading. Past the read limit we stop reading."""
     async def main() -> None:
         client, server = await tls_pair(frontend_bundle, backend_bundle)
         assert client.transport is not None and server.transport is not None
         server.transport.set_write_buffer_limits(high=256 * 1024)
+        server.transport.set_read_limit(512 * 1024)
         client.transport.write(b"a" * 1000)  # positive control: the server reads
         async with asyncio.timeout(5):
             while server.received < 1000:
@@ -120,7 +121,7 @@ def test_a_peer_that_does_not_read_stops_our_reading_until_our_queue_drains(
         client.transport.pause_reading()
         payload = os.urandom(8 * 1024 * 1024)
         server.transport.write(payload)
-        assert server.transport.get_write_buffer_size() > 256 * 1024
+        assert server.transport.get_write_buffer_size() > 512 * 1024
         assert server.transport.reading_held
         client.transport.write(b"b" * 5000)
         await asyncio.sleep(0.2)  # a non-event: nothing may arrive while the hold lasts
