@@ -383,6 +383,7 @@ def test_scheduling_and_security_values(tmp_path: Path) -> None:
         assert spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
     for pod in _all_pods(docs):
         assert pod["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
+        assert pod["spec"]["nodeSelector"]["kubernetes.io/os"] == "linux"
     assert agent["securityContext"] == {
         "seLinuxOptions": {"type": "spc_t"},
         "appArmorProfile": {"type": "Localhost", "localhostProfile": "trellis-agent"}}
@@ -398,6 +399,9 @@ def test_scheduling_and_security_values(tmp_path: Path) -> None:
     assert not {"Namespace", "ResourceQuota"} & {kind for kind, _ in default}
     assert "securityContext" not in _pod(default)["spec"]
     assert not any("imagePullSecrets" in pod["spec"] for pod in _all_pods(default))
+    # Every pod of the chart runs Linux programs.
+    assert all(pod["spec"]["nodeSelector"].get("kubernetes.io/os") == "linux"
+               for pod in _all_pods(default))
 
 
 def _sys_admin_escalation_errors(docs: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
