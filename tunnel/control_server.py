@@ -74,6 +74,7 @@ class ControlServer:
         self._accepting: asyncio.Task[None] | None = None
         self._session: asyncio.Task[None] | None = None
         self._agent: socket.socket | None = None
+        self._bound: tuple[int, int] | None = None  # (st_dev, st_ino) of our socket file
 
     @property
     def agent_connected(self) -> bool:
@@ -83,6 +84,10 @@ class ControlServer:
         """Listen on ``path`` (a stale socket file from a killed proxy is replaced)."""
         sock = bind_private_unix_socket(self.path, socket.SOCK_SEQPACKET, backlog=4)
         self._listener = sock
+        # A newer proxy (a surge upgrade) may later rename its socket onto this
+        # path; close() must then leave the path alone.
+        st = self.path.stat()
+        self._bound = (st.st_dev, st.st_ino)
         self._accepting = tasks.spawn(self._accept(sock), name="control accept")
         _log.info("control socket listening", extra={"fields": {"path": str(self.path)}})
 
@@ -96,8 +101,24 @@ class ControlServer:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
+            self._unlink_if_ours()
+
+    def _unlink_if_ours(self) -> None:
+        """Remove the socket file only if it is still the one we bound: during a
+        surge upgrade the new proxy's socket sits at the same path, and deleting
+        it would cut the agent off from the proxy that now serves the node. (A
+        rename between the stat and the unlink is the one race left; only a
+        third proxy starting in that instant could hit it.)"""
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return
+        if (st.st_dev, st.st_ino) != self._bound:
+            _log.info("control socket path taken over by a newer proxy: left in place",
+                      extra={"fields": {"path": str(self.path)}})
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
 
     async def _accept(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
