@@ -95,6 +95,10 @@ class RemoteProxy:
         # add_pod waits for the pod's certificate, which may take a CA round trip.
         self._timeout = timeout_s
         self._sock: socket.socket | None = None
+        # (st_dev, st_ino) of the socket file the link was opened through: one
+        # stat per connect() (the reconcile timer's tick) notices a newer proxy.
+        self._bound: tuple[int, int] | None = None
+        self._refused_newer: tuple[int, int] | None = None
         self._generation = 0
         self._lock = asyncio.Lock()
 
@@ -108,28 +112,60 @@ class RemoteProxy:
                 _log.warning("the node proxy closed the control socket; reconnecting",
                              extra={"fields": {"socket": str(self.path)}})
                 self._drop()
-            if self._sock is None:
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-                sock.setblocking(False)
+            # A surge upgrade: the new proxy renamed its socket onto the path.
+            # Serve only the newest proxy; the old one keeps its connections
+            # and the pods it has, and drains on its own SIGTERM.
+            newer = self._sock is not None and self._newer_socket()
+            if self._sock is None or newer:
+                # Stat before connecting: a rename in between makes the next
+                # connect() move again, never miss the newer socket.
+                bound = _inode(self.path)
                 try:
-                    await asyncio.get_running_loop().sock_connect(sock, str(self.path))
-                except OSError as exc:
-                    sock.close()
-                    raise ProxyUnavailable(
-                        exc.errno, f"proxy control socket {self.path}: {exc.strerror}") from exc
-                # The agent hands this peer pod namespaces: it must be the proxy
-                # (root, or our own uid), not whoever bound the path first.
-                refusal = peer_refusal(sock, default_allowed_uids())
-                if refusal is not None:
-                    sock.close()
-                    raise ProxyUnavailable(f"proxy control socket {self.path}: {refusal}")
+                    sock = await self._open()
+                except ProxyUnavailable as exc:
+                    if not newer:
+                        raise
+                    # The link we have still works: keep it rather than fail
+                    # the node; say so once per socket file.
+                    if self._refused_newer != bound:
+                        self._refused_newer = bound
+                        _log.warning("the newer proxy socket is not usable; keeping the "
+                                     "current proxy", extra={"fields": {"error": str(exc)}})
+                    return self._generation
+                if newer:
+                    _log.info("a newer node proxy is listening; moved to it",
+                              extra={"fields": {"socket": str(self.path)}})
+                self._drop()
                 self._sock = sock
+                self._bound = bound
                 await self._request(Hello(self._node))
                 self._follow_peer(sock)
                 self._generation += 1
                 _log.info("connected to the node proxy", extra={"fields": {
                     "socket": str(self.path), "generation": self._generation}})
             return self._generation
+
+    async def _open(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sock.setblocking(False)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, str(self.path))
+        except OSError as exc:
+            sock.close()
+            raise ProxyUnavailable(
+                exc.errno, f"proxy control socket {self.path}: {exc.strerror}") from exc
+        # The agent hands this peer pod namespaces: it must be the proxy
+        # (root, or our own uid), not whoever bound the path first.
+        refusal = peer_refusal(sock, default_allowed_uids())
+        if refusal is not None:
+            sock.close()
+            raise ProxyUnavailable(f"proxy control socket {self.path}: {refusal}")
+        return sock
+
+    def _newer_socket(self) -> bool:
+        current = _inode(self.path)
+        # No file at the path: the proxy we have is the only one; keep it.
+        return current is not None and current != self._bound
 
     def _follow_peer(self, sock: socket.socket) -> None:
         if self._on_connect is None:
@@ -208,6 +244,14 @@ class RemoteProxy:
             with contextlib.suppress(OSError):
                 self._sock.close()
             self._sock = None
+
+
+def _inode(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _alive(sock: socket.socket) -> bool:

@@ -180,3 +180,89 @@ def test_no_proxy_is_a_clear_error_and_a_new_proxy_is_a_new_generation(tmp_path:
         server.close()
 
     asyncio.run(scenario())
+
+
+def test_an_old_proxy_stopping_leaves_the_newer_proxys_socket_in_place(tmp_path: Path) -> None:
+    """A surge upgrade: the new proxy renames its socket onto the path while the old
+    one runs; the old one, stopping, must not delete it (the agent would lose the
+    node's proxy until the new one restarted)."""
+    path = tmp_path / "proxy.sock"
+
+    async def scenario() -> None:
+        old = ControlServer(path, RecordingProxy())
+        await old.start()
+        new = ControlServer(path, RecordingProxy())
+        await new.start()
+        newest = path.stat().st_ino
+        old.close()
+        assert path.exists() and path.stat().st_ino == newest
+        agent = RemoteProxy(path, "node-1", timeout_s=5)
+        await agent.connect()  # the path still leads to a live proxy
+        await asyncio.sleep(0.05)
+        assert new.agent_connected
+        await agent.close()
+        new.close()
+        assert not path.exists()  # its own socket, it does remove (the control)
+
+    asyncio.run(scenario())
+
+
+def test_the_agent_moves_to_a_newer_proxy_and_the_old_one_keeps_its_pods(
+        tmp_path: Path) -> None:
+    path = tmp_path / "proxy.sock"
+    old_pods, new_pods = RecordingProxy(), RecordingProxy()
+
+    async def scenario() -> None:
+        old = ControlServer(path, old_pods)
+        await old.start()
+        peers: list[int] = []
+        agent = RemoteProxy(path, "node-1", timeout_s=5, on_connect=peers.append)
+        first = await agent.connect()
+        await agent.add_pod(workload("a"), OWN_NETNS)
+        assert await agent.connect() == first  # nothing new at the path: same link
+        new = ControlServer(path, new_pods)
+        await new.start()
+        # One stat per connect() notices the newer socket: a new generation, so
+        # the reconciler replays every pod to the new proxy.
+        assert await agent.connect() == first + 1
+        assert peers == [os.getpid(), os.getpid()]  # eBPF follows the new proxy too
+        await agent.add_pod(workload("a"), OWN_NETNS)
+        await agent.snapshot_sent()
+        await agent.remove_pod("a")  # later changes go to the newest proxy only
+        await agent.add_pod(workload("b", "198.18.1.11"), OWN_NETNS)
+        for _ in range(100):
+            if not old.agent_connected:
+                break
+            await asyncio.sleep(0.01)
+        assert not old.agent_connected and new.agent_connected
+        old.close()  # the old proxy's SIGTERM
+        assert await agent.connect() == first + 1  # the agent stays with the new one
+        await agent.close()
+        new.close()
+
+    asyncio.run(scenario())
+    assert set(old_pods.pods) == {"a"}  # served on until it drains and exits
+    assert set(new_pods.pods) == {"b"}
+
+
+def test_an_unusable_newer_socket_keeps_the_working_link(tmp_path: Path) -> None:
+    path = tmp_path / "proxy.sock"
+
+    async def scenario() -> None:
+        server = ControlServer(path, RecordingProxy())
+        await server.start()
+        agent = RemoteProxy(path, "node-1", timeout_s=5)
+        first = await agent.connect()
+        # A socket file nobody listens on any more (bound, then closed) replaces it.
+        stray = tmp_path / "stray.sock"
+        dead = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        dead.bind(str(stray))
+        dead.close()
+        os.replace(stray, path)
+        assert await agent.connect() == first  # no error, no replay
+        assert agent.connected and server.agent_connected
+        await agent.remove_pod("a")  # the old link still answers
+        await agent.close()
+        server.close()
+
+    asyncio.run(scenario())
