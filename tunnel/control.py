@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+from identity.spiffe import Identity, InvalidIdentity
 from tunnel.state import Workload
 
 PROTOCOL_VERSION = 1
@@ -146,12 +147,27 @@ def workload_from_json(body: Mapping[str, Any]) -> Workload:
     except ValueError:
         raise ControlError(f"add_pod.workload.ip: {values['ip']!r} is not an IPv4 address"
                            ) from None
+    _check_identity(values)
     labels = _field(body, "add_pod.workload", "labels", dict)
     for key, value in labels.items():
         if not isinstance(value, str):
             raise ControlError(f"add_pod.workload.labels[{key!r}]: not a string")
     return Workload(labels=MappingProxyType(dict(labels)),
                     enrolled=_field(body, "add_pod.workload", "enrolled", bool), **values)
+
+
+def _check_identity(values: Mapping[str, str]) -> None:
+    """The proxy asks for the pod's certificate by its identity: refuse, by field, a
+    name that no SPIFFE ID can hold (the agent's sources refuse them too)."""
+    domain, namespace = values["trust_domain"], values["namespace"]
+    for name, parts in (("trust_domain", ("default", "default", domain)),
+                        ("namespace", (namespace, "default", domain)),
+                        ("service_account", (namespace, values["service_account"], domain))):
+        try:
+            Identity.of(*parts)
+        except InvalidIdentity:
+            raise ControlError(f"add_pod.workload.{name}: {values[name]!r} is not valid in "
+                               "a SPIFFE ID") from None
 
 
 def _field(body: Mapping[str, Any], where: str, name: str, kind: type) -> Any:

@@ -52,6 +52,14 @@ def _add_pod_with(**changes: object) -> bytes:
     (_add_pod_with(uid=""), "add_pod.workload.uid: empty"),
     (_add_pod_with(labels={"app": 3}), "add_pod.workload.labels['app']: not a string"),
     (_add_pod_with(enrolled="yes"), "add_pod.workload.enrolled: 'yes' is not a bool"),
+    # Found by tests/fuzz/fuzz_control.py's identity check: these decoded, and the
+    # proxy would ask for certificates of identities no SPIFFE ID can name.
+    (_add_pod_with(trust_domain="cluster.lo`cal"),
+     "add_pod.workload.trust_domain: 'cluster.lo`cal' is not valid in a SPIFFE ID"),
+    (_add_pod_with(namespace="d&emo"),
+     "add_pod.workload.namespace: 'd&emo' is not valid in a SPIFFE ID"),
+    (_add_pod_with(service_account="../web"),
+     "add_pod.workload.service_account: '../web' is not valid in a SPIFFE ID"),
 ])
 def test_a_bad_message_is_refused_by_field(data: bytes, error: str) -> None:
     with pytest.raises(ControlError, match=None) as caught:
