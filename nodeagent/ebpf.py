@@ -36,6 +36,7 @@ from pathlib import Path
 from nodeagent import bpf_sys, podcgroup
 from nodeagent.ebpf_routing import apply_routing, remove_routing
 from nodeagent.ebpf_support import EbpfUnavailable, cgroup2_mount, check_support
+from nodeagent.pod_sysctl import enable_request_migration
 from nodeagent.redirect import PodNetwork, RedirectError
 from tunnel.netns import NetnsError, NetnsHandle, inside, socket_in
 
@@ -117,6 +118,7 @@ class EbpfRedirector:
         with self._lock, self._open(pod) as ns:
             try:
                 cookie, ifindex = self._netns_facts(pod, ns)
+                enable_request_migration(pod, ns)  # nodeagent/pod_sysctl.py
                 apply_routing(pod, ns, self.interface, self.timeout_s)
                 self._ensure_agent_state()
                 with _pinned(self.maps_dir / "pods") as pods:

@@ -10,7 +10,9 @@ Idempotence comes from the restore format itself: declaring our chains
 re-applying replaces rather than appends; the jumps into them from the built-in
 chains are added only when ``iptables-save`` does not already show them.
 
-No sysctl is changed. The return path to a transparent socket was checked with
+The one sysctl set is ``net.ipv4.tcp_migrate_req`` (nodeagent/pod_sysctl.py: a
+proxy upgrade's queued connections move to the new proxy). The return path to a
+transparent socket was checked with
 ``rp_filter`` strict (1) and loose (2) on ``all`` and ``lo``: a reply the
 mangle mark reroutes to table 100 loops over ``lo`` with its output route still
 attached, so the receive side never does a route lookup and reverse-path
@@ -34,6 +36,7 @@ from dataclasses import dataclass
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from nodeagent.pod_sysctl import enable_request_migration
 from nodeagent.redirect import PodNetwork, RedirectError
 from tunnel.config import INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, PROXY_MARK
 from tunnel.netns import NetnsError, NetnsHandle, socket_in
@@ -247,6 +250,7 @@ class IptablesRedirector:
         except ValueError:
             raise RedirectError(pod, f"ip: {pod.ip!r} is not an IPv4 address") from None
         with self._open(pod) as ns:
+            enable_request_migration(pod, ns)  # before the rules: see nodeagent/pod_sysctl.py
             # Routing first: once the rules are in, the return path must already work.
             with self._rtnl(pod, ns) as ipr:
                 self._add_routing(pod, ipr)

@@ -96,6 +96,9 @@ class ProxyStack:
         return sum(len(p.connections) for p in self.proxy.pods.values())
 
     async def drain_and_close(self, drain_s: float) -> None:
+        # New connections go to a newer proxy bound beside this one (a surge
+        # upgrade), or are refused: none is accepted here only to be cut.
+        self.proxy.stop_accepting()
         await drain(self.live_connections, drain_s)
         _log.info("proxy stopping: closing listeners, keeping pod redirection")
         await self.proxy.close()

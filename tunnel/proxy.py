@@ -128,6 +128,16 @@ class Proxy:
         self.inputs.metrics.pods.set(len(self._pods))
         _log.info("stopped serving pod", extra={"fields": {"pod": pod.workload.key}})
 
+    def stop_accepting(self) -> None:
+        """Close every pod's listening sockets, keeping the pods and their connections:
+        the first step of a drain. A newer proxy bound beside them (``SO_REUSEPORT``)
+        takes every new connection from now on, and with ``net.ipv4.tcp_migrate_req``
+        in the pod's namespace (nodeagent/iptables.py) the kernel moves the ones
+        still queued here to it instead of resetting them."""
+        for servers in self._servers.values():
+            for server in servers:
+                server.close()
+
     async def close(self) -> None:
         if self._sweeping is not None:
             self._sweeping.cancel()
