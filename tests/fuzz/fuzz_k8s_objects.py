@@ -8,6 +8,8 @@ reported in ``Snapshot.errors`` and never raises.
 
 from __future__ import annotations
 
+from fuzz_k8s_watch import check_snapshot
+
 from nodeagent.objects import SourceError, parse_yaml
 
 ALLOWED: tuple[type[BaseException], ...] = (SourceError,)
@@ -22,4 +24,5 @@ DICTIONARY = (b"\n---\n", b"kind: ", b"Pod", b"Service", b"EndpointSlice", b"Nam
 
 def one_input(data: bytes) -> None:
     snapshot = parse_yaml(data, source="workloads.yaml")
-    assert all(isinstance(error, str) for error in snapshot.errors)
+    assert all(isinstance(error, str) and error for error in snapshot.errors)
+    check_snapshot(snapshot)

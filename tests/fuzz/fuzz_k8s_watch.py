@@ -12,10 +12,12 @@ a snapshot, as the agent does after every change: that must never raise.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
+from identity.spiffe import Identity
 from nodeagent.k8s_watch import LineDecoder, ObjectStore, Resource, WatchFailed, WatchGone
-from nodeagent.objects import parse_documents
+from nodeagent.objects import Snapshot, parse_documents
 
 ALLOWED: tuple[type[BaseException], ...] = (WatchGone, WatchFailed)
 MAX_LEN = 16 * 1024
@@ -59,4 +61,15 @@ def one_input(data: bytes) -> None:
     except (WatchGone, WatchFailed):
         pass  # the reflector relists; what the stores hold is still read below
     docs = [obj for store in stores.values() for obj in store.objects.values()]
-    parse_documents(docs, source="fuzz", endpoint_slices=True)
+    check_snapshot(parse_documents(docs, source="fuzz", endpoint_slices=True))
+
+
+def check_snapshot(snapshot: Snapshot) -> None:
+    """What the proxy relies on in every snapshot the agent sends it."""
+    addresses = [w.ip for w in snapshot.state.workloads if w.ip]
+    addresses += [s.vip for s in snapshot.state.services if s.vip]
+    assert len(addresses) == len(set(addresses)), "an address names two objects"
+    for workload in snapshot.state.workloads:
+        assert Identity.parse(workload.identity.uri) == workload.identity, workload
+        if workload.ip:
+            ipaddress.IPv4Address(workload.ip)
