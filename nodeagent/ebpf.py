@@ -8,6 +8,7 @@ the agent's bpffs root::
 
     <root>/maps/{orig,peer,pods}       shared maps (bcc pins them at load)
     <root>/getsockopt                  link on the proxy's cgroup
+    <root>/getsockopt-previous         link on the cgroup of the proxy before it (a surge)
     <root>/pods/<uid>/{connect4,sockops,tc_ingress}   links
     <root>/pods/<uid>/state            one-slot map: the pod's netns cookie
 
@@ -262,16 +263,44 @@ class EbpfRedirector:
             self.proxy_cgroup = cgroup
             if (self.root / "getsockopt").exists():  # pods are redirected already
                 try:
+                    self._keep_previous_getsockopt(cgroup)
                     self._ensure_getsockopt()
                 except bpf_sys.BpfError as err:
                     raise OSError(err.errno, f"getsockopt link to {cgroup}: {err}") from err
         log.info("following the proxy's cgroup", extra={"fields": {
             "pid": pid, "cgroup": cgroup}})
 
+    def _keep_previous_getsockopt(self, cgroup: str) -> None:
+        """A surge upgrade: the proxy we followed until now still drains, and accepts
+        until its SIGTERM; its sockets need SO_ORIGINAL_DST answered too. Its link
+        stays, pinned as ``getsockopt-previous``, until the next move (by then that
+        proxy is long gone; the kernel detaches a link whose cgroup is removed).
+        (Not ``.previous``: bpffs refuses names with a dot.)
+        One previous proxy is all a ``maxSurge: 1`` DaemonSet ever runs."""
+        current, previous = self.root / "getsockopt", self.root / "getsockopt-previous"
+        cg = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            # A restarted agent starts out following itself; the pins the last
+            # agent left may already be on this proxy's cgroup.
+            if _attached_at(current, cg, _ATTACH["getsockopt"]):
+                return
+            back = previous.exists() and _attached_at(previous, cg, _ATTACH["getsockopt"])
+        finally:
+            os.close(cg)
+        if back:  # the proxy we follow now is the previous one: swap, attach nothing twice
+            tmp = self.root / "getsockopt-swap"
+            os.rename(current, tmp)
+            os.rename(previous, current)
+            os.rename(tmp, previous)
+            return
+        _unpin_link(previous)
+        os.rename(current, previous)  # bpffs renames a pin; the link stays attached
+
     def _remove_agent_state_if_idle(self) -> None:
         pods = self.root / "pods"
         if pods.exists() and any(pods.iterdir()):
             return
+        _unpin_link(self.root / "getsockopt-previous")
         _unpin_link(self.root / "getsockopt")
         # Unpinned maps live on while a loaded program holds them; drop ours so
         # the next apply loads programs that use fresh, pinned maps.
