@@ -29,7 +29,7 @@ async def run_proxy(config: AgentConfig) -> None:
     def not_ready() -> str | None:
         if not stack.feed.synced:
             return "waiting for the first workload snapshot"
-        return None
+        return control.not_ready_reason()  # a surge: ready once the pods are ours
 
     admin = AdminServer(stack.metrics.registry, not_ready)
     await admin.start(config.metrics_address, config.readiness_address)

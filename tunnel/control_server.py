@@ -44,6 +44,7 @@ _log = logging.getLogger("trellis.tunnel.control")
 # extra fds are received (and closed) rather than leaked by a truncated cmsg.
 _MAX_FDS = 4
 _NS_GET_NSTYPE = 0xB703  # linux/nsfs.h: _IO(0xb7, 0x3)
+PATH_CHECK_S = 2.0  # how often the proxy checks that its socket file is still there
 
 
 class ServesPods(Protocol):
@@ -75,6 +76,12 @@ class ControlServer:
         self._session: asyncio.Task[None] | None = None
         self._agent: socket.socket | None = None
         self._bound: tuple[int, int] | None = None  # (st_dev, st_ino) of our socket file
+        self._watching: asyncio.Task[None] | None = None
+        # Whether a socket file was at the path when we started (a proxy still
+        # running beside us in a surge upgrade, or one that died), and whether an
+        # agent has since told us every pod (snapshot_sent): see not_ready_reason.
+        self._predecessor = False
+        self._replayed = False
 
     @property
     def agent_connected(self) -> bool:
@@ -82,17 +89,59 @@ class ControlServer:
 
     async def start(self) -> None:
         """Listen on ``path`` (a stale socket file from a killed proxy is replaced)."""
+        self._predecessor = self.path.is_socket()
+        self._listen()
+        self._watching = tasks.spawn(self._watch_path(), name="control socket path")
+        _log.info("control socket listening", extra={"fields": {
+            "path": str(self.path), "replaced_a_socket": self._predecessor}})
+
+    def _listen(self) -> None:
         sock = bind_private_unix_socket(self.path, socket.SOCK_SEQPACKET, backlog=4)
+        if self._listener is not None:
+            self._listener.close()
+        if self._accepting is not None:
+            self._accepting.cancel()
         self._listener = sock
         # A newer proxy (a surge upgrade) may later rename its socket onto this
         # path; close() must then leave the path alone.
         st = self.path.stat()
         self._bound = (st.st_dev, st.st_ino)
         self._accepting = tasks.spawn(self._accept(sock), name="control accept")
-        _log.info("control socket listening", extra={"fields": {"path": str(self.path)}})
+
+    async def _watch_path(self) -> None:
+        """Bind again if the socket file vanished: an older proxy, from a release that
+        unlinked the path unconditionally, deletes ours when it stops after a surge,
+        and no agent could reach us after that. A newer proxy's socket at the path
+        is left alone: that proxy serves the node now. One stat per period."""
+        while True:
+            await asyncio.sleep(PATH_CHECK_S)
+            if self.path.exists():
+                continue
+            _log.warning("control socket file removed by someone else: binding it again",
+                         extra={"fields": {"path": str(self.path)}})
+            try:
+                self._listen()
+            except OSError as exc:
+                _log.error("control socket not bound again", extra={"fields": {
+                    "path": str(self.path), "error": str(exc)}})
+
+    def not_ready_reason(self) -> str | None:
+        """Why the proxy must not report ready yet, as far as the agent link goes.
+
+        With a socket already at the path when we started, another proxy may be
+        serving this node's pods (a ``maxSurge: 1`` upgrade): Kubernetes stops it
+        as soon as we are ready, so we are ready only once the agent has handed
+        us every pod (its replay ended with ``snapshot_sent``). On a node with no
+        socket file yet (a first install) there is nothing to take over."""
+        if self._listener is None:
+            return "control socket not open yet"
+        if self._predecessor and not self._replayed:
+            return (f"another proxy's socket was at {self.path}: waiting for the agent to "
+                    "hand this node's pods over")
+        return None
 
     def close(self) -> None:
-        for task in (self._accepting, self._session):
+        for task in (self._accepting, self._session, self._watching):
             if task is not None:
                 task.cancel()
         if self._agent is not None:
@@ -180,6 +229,7 @@ class ControlServer:
                 stale = replay.stale(self._proxy.pods)
                 for uid in stale:
                     await self._proxy.remove_pod(uid)
+                self._replayed = True
                 _log.info("agent replay complete", extra={"fields": {
                     "served": len(self._proxy.pods), "removed": len(stale)}})
                 return Ack()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from types import MappingProxyType
 
@@ -264,5 +265,73 @@ def test_an_unusable_newer_socket_keeps_the_working_link(tmp_path: Path) -> None
         await agent.remove_pod("a")  # the old link still answers
         await agent.close()
         server.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_proxy_started_beside_another_is_ready_only_once_the_agent_replayed(
+        tmp_path: Path) -> None:
+    """With maxUnavailable 0 Kubernetes stops the old proxy as soon as the new one is
+    ready: before the agent has handed it the pods, their connections would fail."""
+    path = tmp_path / "proxy.sock"
+
+    async def scenario() -> None:
+        old = ControlServer(path, RecordingProxy())
+        assert old.not_ready_reason() == "control socket not open yet"
+        await old.start()
+        assert old.not_ready_reason() is None  # a first install: nothing to take over
+        agent = RemoteProxy(path, "node-1", timeout_s=5)
+        await agent.connect()
+        await agent.add_pod(workload("a"), OWN_NETNS)
+        new = ControlServer(path, RecordingProxy())
+        await new.start()
+        assert "waiting for the agent to hand this node's pods over" in str(
+            new.not_ready_reason())
+        await agent.connect()  # moves to the new proxy
+        await agent.add_pod(workload("a"), OWN_NETNS)
+        assert new.not_ready_reason() is not None  # one pod told, the replay not ended
+        await agent.snapshot_sent()
+        assert new.not_ready_reason() is None
+        old.close()
+        await agent.close()
+        new.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_socket_file_deleted_by_someone_else_is_bound_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An old proxy from a release that unlinked the path unconditionally deletes the
+    new proxy's socket when it stops; the new one must become reachable again."""
+    import tunnel.control_server as control_server
+
+    monkeypatch.setattr(control_server, "PATH_CHECK_S", 0.01)
+    path = tmp_path / "proxy.sock"
+
+    async def until(check: Callable[[], bool]) -> None:
+        for _ in range(500):
+            if check():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("not within 5 s")
+
+    async def scenario() -> None:
+        server = ControlServer(path, RecordingProxy())
+        await server.start()
+        agent = RemoteProxy(path, "node-1", timeout_s=5)
+        first = await agent.connect()
+        path.unlink()
+        await until(path.exists)
+        assert await agent.connect() == first + 1  # a new socket file: a new link
+        await until(lambda: server.agent_connected)
+        # A newer proxy's socket at the path is left alone (the control).
+        newer = ControlServer(path, RecordingProxy())
+        await newer.start()
+        taken = path.stat().st_ino
+        await asyncio.sleep(0.1)  # ten check periods of the older server
+        assert path.stat().st_ino == taken
+        await agent.close()
+        server.close()
+        newer.close()
 
     asyncio.run(scenario())
