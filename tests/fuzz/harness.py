@@ -57,9 +57,9 @@ INSTRUMENTED = ("identity", "policy", "tunnel", "nodeagent", "waypoint",
 # Per input: a parser that takes seconds on a few KiB is a denial of service.
 INPUT_TIMEOUT_S = 10
 RSS_LIMIT_MB = 2048
-# libFuzzer names its own artifacts crash-/timeout-/oom-/leak-<sha1>; Python
-# exceptions recorded by the callback are exception-<sha1> (+ .txt).
-_ARTIFACT = re.compile(r"^(crash|timeout|oom|leak|exception)-[0-9a-f]+$")
+# How a crash shows in a target's log: the callback's line for a Python exception
+# (exception-<sha1>, with a .txt), libFuzzer's for a fatal signal, timeout or OOM.
+_CRASH_LINE = re.compile(r"(?m)(?:: CRASH .* -> |Test unit written to )(.+)$")
 
 
 @dataclass(frozen=True)
@@ -182,11 +182,6 @@ class RunResult:
                 f"corpus {self.corpus_size:>5} crashes {len(self.crashes):>3}  {status}")
 
 
-def _artifacts(crash_dir: Path) -> set[Path]:
-    return {p for p in crash_dir.glob("*") if _ARTIFACT.match(p.name)} \
-        if crash_dir.is_dir() else set()
-
-
 def run_target(target: Target, *, seconds: float, crash_dir: Path, work_dir: Path) -> RunResult:
     """Fuzz one target for ``seconds`` in a child process and summarise the run."""
     target_crashes = crash_dir / target.name
@@ -194,7 +189,6 @@ def run_target(target: Target, *, seconds: float, crash_dir: Path, work_dir: Pat
     corpus_out = work_dir / target.name / "corpus"
     corpus_out.mkdir(parents=True, exist_ok=True)
     log = work_dir / target.name / "fuzz.log"
-    before = _artifacts(target_crashes)
     command = [sys.executable, str(Path(__file__).resolve()), "_child", target.name,
                "--targets-dir", str(target.path.parent), "--seconds", str(seconds),
                "--crash-dir", str(target_crashes), "--corpus-out", str(corpus_out)]
@@ -207,7 +201,9 @@ def run_target(target: Target, *, seconds: float, crash_dir: Path, work_dir: Pat
             code = -1
     result = RunResult(target.name, time.monotonic() - started, log=log)
     text = log.read_text(errors="replace")
-    result.crashes = sorted(_artifacts(target_crashes) - before)
+    # What this run met, from its log: an input saved by an earlier run (say, kept in
+    # the work corpus) that crashes again is still a crash.
+    result.crashes = sorted({Path(p) for p in _CRASH_LINE.findall(text)})
     executed = re.search(r"stat::number_of_executed_units: (\d+)", text)
     corpus = re.findall(r" corp: (\d+)/", text)
     result.executions = int(executed[1]) if executed else 0

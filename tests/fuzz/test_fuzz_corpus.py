@@ -108,6 +108,15 @@ def test_the_harness_reports_a_broken_target(tmp_path: Path) -> None:
     # The saved input is what replay reproduces the crash from.
     replayed = harness.replay(toy, [crash])
     assert len(replayed.crashes) == 1 and "ZeroDivisionError" in replayed.crashes[0][1]
+    # The bug is still there: a second run that meets the same input first (its only
+    # seed now, as it may be in a kept work corpus) reports it again, though that
+    # input is saved already.
+    for seed in toy.corpus.iterdir():
+        seed.unlink()
+    (toy.corpus / "kept").write_bytes(crash.read_bytes())
+    again = harness.run_target(toy, seconds=1, crash_dir=tmp_path / "crashes",
+                               work_dir=tmp_path / "work-again")
+    assert again.crashes == [crash], again.line()
 
 
 def test_a_fatal_signal_in_one_target_does_not_stop_the_next(
