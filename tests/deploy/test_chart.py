@@ -192,11 +192,11 @@ def test_the_control_socket_never_shares_the_cni_socket_directory() -> None:
 
 def test_update_strategies() -> None:
     docs = _docs(_template())
-    # No surge for the proxy: an old proxy stopping would unlink the new one's
-    # control socket, and the agent does not hand pods to the newest proxy
-    # (deploy/README.md, "Upgrading the proxy").
+    # The proxy surges, as ztunnel does: the new one takes the pods before the old
+    # one stops (deploy/README.md, "Upgrading the proxy";
+    # tests/tunnel/test_proxy_surge_netns.py).
     assert docs["DaemonSet", "trellis-proxy"]["spec"]["updateStrategy"] == {
-        "type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
+        "type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
     assert docs["DaemonSet", "trellis-agent"]["spec"]["updateStrategy"] == {
         "type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}}
 
