@@ -33,6 +33,7 @@ from lab.processes import (
     app_processes,
     ca_process,
     cert_ttl_file,
+    check_cert_ttl,
     choose_cert_ttl,
     proxy_name,
     proxy_process,
@@ -114,6 +115,8 @@ def up(labdir: LabDir, description: Description, mesh: Mesh | None, out: Out,
     names a new lab's namespaces (None: $TRELLIS_LAB_NETNS_PREFIX); a lab that is up
     keeps its own. ``cert_ttl`` is the CA's workload certificate lifetime (``90s``);
     None keeps the lab's (the CA's default, 24 h, for a new lab)."""
+    if cert_ttl is not None:
+        check_cert_ttl(cert_ttl)  # a mistake is refused before the lab directory exists
     with locked(labdir, create=True):
         is_up = load_record(labdir) is not None
         redirect_mode.choose_mode(labdir, redirect, is_up)
