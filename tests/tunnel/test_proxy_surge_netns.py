@@ -83,8 +83,10 @@ def test_a_new_proxy_takes_the_pods_while_the_old_one_drains(
             try:
                 await eventually(lambda: len(outcomes) >= 5)
                 await new.start()
+                assert new.not_ready_reason() is not None  # A still has the pods
                 await agent.reconcile()  # the timer's tick: the agent sees B's socket
                 assert UID in b_pod.proxy.pods  # replayed: B's listeners are bound
+                assert new.not_ready_reason() is None  # now Kubernetes may stop A
                 assert new.agent_connected
                 await eventually(lambda: not old.agent_connected)
                 assert UID in a.proxy.pods  # A serves on until it drains
