@@ -43,6 +43,7 @@ import yaml
 from identity.spiffe import DEFAULT_TRUST_DOMAIN, Identity, InvalidIdentity
 from nodeagent.object_fields import FieldError, Fields, ipv4, kind_of, port_number
 from nodeagent.pod_status import PodFacts, resolve_shared_ips, timestamp
+from policy.safe_yaml import FastSafeLoader
 from tunnel.state import AMBIENT, DATAPLANE_LABEL, NONE, MeshState, Service, ServicePort, Workload
 
 NETNS_ANNOTATION = "trellis.dev/netns"
@@ -363,31 +364,13 @@ def _decode(data: bytes, source: str) -> str:
         raise SourceError(f"{source}: line {line}, column {column}: not UTF-8") from err
 
 
-class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
-    """The safe loader, with one gap closed: PyYAML's constructors raise a plain
-    ValueError, TypeError, AttributeError or LookupError for a value that its
-    resolver or an explicit tag hands them and that does not fit (``2024-02-30``,
-    ``!!int web``, ``!!int`` on nothing, ``!!bool maybe``, ``!!timestamp x``; found
-    by tests/fuzz/fuzz_k8s_objects.py). Raised again as a ConstructorError at the
-    node, it names a line and column like any YAML error."""
-
-    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
-        try:
-            return super().construct_object(node, deep)
-        except (ValueError, TypeError, AttributeError, LookupError) as err:
-            value = f"{node.value!r} " if isinstance(node, yaml.ScalarNode) else ""
-            kind = node.tag.rsplit(":", 1)[-1]
-            raise yaml.constructor.ConstructorError(
-                None, None, f"{value}is not a valid !!{kind} ({err})", node.start_mark) from err
-
-
 def parse_yaml(data: bytes | str, *, source: str, trust_domain: str = DEFAULT_TRUST_DOMAIN,
                version: int = 0) -> Snapshot:
     """Parse a multi-document YAML stream; bad syntax or encoding raises ``SourceError``
     naming ``source``, line and column."""
     text = _decode(data, source) if isinstance(data, bytes) else data
     try:
-        docs = list(yaml.load_all(text, Loader=_Loader))
+        docs = list(yaml.load_all(text, Loader=FastSafeLoader))
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"

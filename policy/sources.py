@@ -16,6 +16,7 @@ from policy.loader import (
     load_policies,
 )
 from policy.model import Problem
+from policy.safe_yaml import SafeLoader
 
 # A policy in JSON (`kubectl get -o json`, a List of them) nests about ten deep.
 MAX_FLOW_DEPTH = 64
@@ -35,7 +36,7 @@ def parse_yaml(text: str, source: str) -> tuple[tuple[Document, ...], tuple[Prob
         return (), (Problem(source, "", f"invalid YAML: brackets nested more than "
                             f"{MAX_FLOW_DEPTH} deep at line {deep}"),)
     try:
-        for number, body in enumerate(yaml.safe_load_all(text), start=1):
+        for number, body in enumerate(yaml.load_all(text, Loader=SafeLoader), start=1):
             documents.append(Document(body, f"{source} document {number}"))
     except yaml.YAMLError as exc:
         problems.append(Problem(source, "", f"invalid YAML: {_one_line(exc)}"))
