@@ -295,9 +295,9 @@ def service_dns_names(name: str, namespace: str, cluster_domain: str) -> tuple[s
     ``NAME.NS.svc`` and ``NAME.NS.svc.<cluster domain>``. Raises ValueError naming
     the part that is no DNS label (or, for the domain, no DNS name)."""
     for part, value in (("name", name), ("namespace", namespace)):
-        if not _DNS_LABEL.match(value):
+        if not _DNS_LABEL.fullmatch(value):
             raise ValueError(f"service {part} {value!r} is not a DNS label")
-    if not all(_DNS_LABEL.match(label) for label in cluster_domain.split(".")):
+    if not all(_DNS_LABEL.fullmatch(label) for label in cluster_domain.split(".")):
         raise ValueError(f"cluster domain {cluster_domain!r} is not a DNS name")
     qualified = f"{name}.{namespace}.svc"
     return name, f"{name}.{namespace}", qualified, f"{qualified}.{cluster_domain}"

@@ -51,7 +51,7 @@ class StaticTokenAuthenticator:
     def __post_init__(self) -> None:
         for node, digest in self.digests.items():
             _check_node_name(node)
-            if not _SHA256_HEX.match(digest):
+            if not _SHA256_HEX.fullmatch(digest):
                 raise ValueError(f"token digest for node {node!r} is not 64 lowercase hex digits")
         # Freeze the mapping too, so the dataclass is immutable all the way down.
         object.__setattr__(self, "digests", MappingProxyType(dict(self.digests)))
@@ -119,7 +119,7 @@ def read_token(path: Path) -> str:
 
 
 def _check_node_name(node: str) -> None:
-    if not _NODE_NAME.match(node):
+    if not _NODE_NAME.fullmatch(node):
         raise ValueError(f"node name {node!r} must be lowercase letters, digits, '-' or '.'")
 
 

@@ -213,7 +213,7 @@ def cert_ttl_file(labdir: LabDir) -> Path:
 def check_cert_ttl(value: str) -> str:
     """``value`` if it is a lifetime the CA accepts (``90s``, ``10m``, ``24h``), else a
     LabError naming the option."""
-    match = _DURATION.match(value)
+    match = _DURATION.fullmatch(value)
     seconds = int(match[1]) * _UNIT_SECONDS[match[2]] if match else 0
     low, high = CERT_TTL_SECONDS
     if not low <= seconds <= high:

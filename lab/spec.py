@@ -264,7 +264,7 @@ def _port_number(value: Any, where: _Where, field: str) -> int:
 
 
 def _dns_label(value: Any, where: _Where, field: str) -> str:
-    if not isinstance(value, str) or not _DNS_LABEL.match(value):
+    if not isinstance(value, str) or not _DNS_LABEL.fullmatch(value):
         raise where.fail(field, f"must be a lowercase DNS label (a-z, 0-9, '-', at most "
                                 f"63 characters), got {value!r}")
     return value

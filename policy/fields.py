@@ -94,7 +94,7 @@ def condition_kind(reader: Reader, path: str, key: str) -> str | None:
     if key in _HTTP_KEYS:
         return HTTP_CONDITION
     if key.startswith(_HTTP_MAP_KEYS):
-        if _MAP_KEY.match(key):
+        if _MAP_KEY.fullmatch(key):
             return HTTP_CONDITION
         reader.error(path, f"bad key {key!r}: should have the form name[entry]")
         return None

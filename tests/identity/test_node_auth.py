@@ -73,7 +73,7 @@ def test_tokens_differ_per_node(issued: tuple[Path, Path]) -> None:
     assert read_token(tokens / "node-1.token") != read_token(tokens / "node-2.token")
 
 
-@pytest.mark.parametrize("node", ["../etc", "Node-1", "", "-x"])
+@pytest.mark.parametrize("node", ["../etc", "Node-1", "", "-x", "node-1\n"])
 def test_unsafe_node_names_are_refused(tmp_path: Path, node: str) -> None:
     with pytest.raises(ValueError, match="node name"):
         issue_node_tokens([node], tmp_path / "t", tmp_path / "d.json")
@@ -83,6 +83,7 @@ def test_unsafe_node_names_are_refused(tmp_path: Path, node: str) -> None:
     ("not json", "cannot read node token digests"),
     ('["node-1"]', "expected a JSON object"),
     ('{"node-1": "abc"}', "not 64 lowercase hex digits"),
+    ('{"node-1": "' + "a" * 64 + '\\n"}', "not 64 lowercase hex digits"),
 ])
 def test_bad_digest_files_are_named(tmp_path: Path, content: str, message: str) -> None:
     path = tmp_path / "digests.json"
