@@ -221,10 +221,12 @@ def test_certificates_rotate_twice_under_load_with_no_failed_request(rot_lab: di
                     if name.startswith("client") and len(serials[name]) > 1:
                         # client-1's certificate just rotated: make node-1 dial a new
                         # tunnel (one more than it has: 100 streams each) and use it.
-                        # The new-connection loop pauses meanwhile: a tunnel filled to
-                        # its 100 streams while connections churn loses some to
-                        # REFUSED_STREAM, a bug of its own (tests/e2e/test_full_tunnel.py).
-                        # It resumes once node-2 has finished the burst's handlers.
+                        # The new-connection loop pauses meanwhile, and resumes once
+                        # node-2 has finished the burst's handlers: a stream opened on a
+                        # tunnel whose server still runs 100 handlers (of streams the
+                        # client already counts as closed) is refused (REFUSED_STREAM)
+                        # and its connection reset, a bug of its own (ARCHITECTURE.md,
+                        # "Identity and certificates").
                         with fresh.gate:
                             settled = active_connections(nodes["node-2"])
                             before = pooled_tunnels(nodes["node-1"])
