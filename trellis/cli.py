@@ -20,10 +20,13 @@ from trellis import logging as trellis_logging
 COMMAND_MODULES = (
     "lab.cli",
     "nodeagent.cli",
-    "identity.cli",
     "policy.cli",
     "bench.cli",
 )
+# The packages the image leaves out (deploy/Dockerfile copies neither): only
+# their absence is skipped. Any other missing module, a typo in the list above
+# included, is an error at start-up.
+OPTIONAL_PACKAGES = frozenset({"lab", "bench"})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,11 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
-            # A package the image leaves out (lab, bench) or its command module is
-            # skipped; a missing dependency of one that is there is an error.
-            if exc.name is None or not (name == exc.name or name.startswith(exc.name + ".")):
-                raise
-            continue
+            # A package the image leaves out is skipped; a missing command module
+            # of a package that is there, or a missing dependency, is an error.
+            package = name.partition(".")[0]
+            if package in OPTIONAL_PACKAGES and exc.name == package:
+                continue
+            raise
         module.register(subparsers)
     return parser
 
