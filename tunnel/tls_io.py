@@ -147,7 +147,7 @@ class TlsTransport:
         self._read_held = False       # stopped while the write queue is past the read limit
         self._closing = False         # close() called: flush, then shut down
         self._closed = False          # the descriptor is gone
-        self._lingering = False       # closed for the protocol; draining the socket
+        self._lingering = False       # close_notify sent; draining the socket
         self._close_timer: asyncio.TimerHandle | None = None
         # The protocol batches its answers; a small record should not wait for more.
         ssl_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -331,8 +331,8 @@ class TlsTransport:
         away what we queued, our GOAWAY and close_notify among them: the peer we
         stopped reading (a flood) would never learn why. So, as nginx's lingering
         close: FIN after our last byte, then drain (below TLS, nothing decrypted)
-        until the peer's EOF or LINGER_TIMEOUT. The protocol is told now; only the
-        descriptor stays a little longer.
+        until the peer's EOF or LINGER_TIMEOUT. The protocol hears `connection_lost`
+        once the descriptor is gone, so a closed connection holds no descriptor.
         """
         try:
             socket.socket.shutdown(self._ssl, socket.SHUT_WR)
@@ -344,7 +344,6 @@ class TlsTransport:
         self._lingering = True
         self._loop.add_reader(self._fd, self._discard)
         self._close_timer = self._loop.call_later(LINGER_TIMEOUT, self._teardown, None)
-        self._loop.call_soon(self._protocol.connection_lost, None)
 
     def _discard(self) -> None:
         scratch = readbuf.take()
@@ -372,5 +371,4 @@ class TlsTransport:
             self._loop.remove_writer(self._fd)
         self._out = bytearray()
         self._ssl.close()
-        if not self._lingering:  # a lingering close told the protocol already
-            self._loop.call_soon(self._protocol.connection_lost, exc)
+        self._loop.call_soon(self._protocol.connection_lost, exc)
