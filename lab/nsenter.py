@@ -1,57 +1,36 @@
 """Small things done inside a lab namespace from this process, without a subprocess.
 
 setns(2) with CLONE_NEWNET moves only the calling *thread*, and a socket stays in
-the namespace it was created in. So a short-lived thread enters the namespace,
-creates a socket (or writes a sysctl: /proc/sys/net shows the namespace of the
-thread that opens it) and ends; the caller then uses the socket on its own
-thread. This is cheaper than pyroute2's ``create_socket``, which forks a child
-per socket, and it is safe in a process that already runs threads.
+the namespace it was created in. So the thread enters the namespace, creates a
+socket (or writes a sysctl: /proc/sys/net shows the namespace of the thread that
+opens it) and goes back, with tunnel/netns.py's switch; the caller then uses the
+socket at home. This is cheaper than pyroute2's ``create_socket``, which forks a
+child per socket, and it is safe in a process that already runs threads, since
+no other thread moves.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import http.client
 import os
 import socket
 import ssl
-import threading
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from lab.plan import NETNS_DIR
+from tunnel.netns import NetnsHandle, inside
 
 T = TypeVar("T")
 
-CLONE_NEWNET = 0x40000000
-# os.setns arrives in Python 3.12; until then, libc's.
-_libc = ctypes.CDLL(None, use_errno=True)
-
 
 def run_in_netns(netns: str, fn: Callable[[], T]) -> T:
-    """Run ``fn`` on a fresh thread that has joined ``netns``; return or raise its result."""
-    outcome: dict[str, Any] = {}
-
-    def enter_and_run() -> None:
-        try:
-            fd = os.open(os.path.join(NETNS_DIR, netns), os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns into {netns}: {os.strerror(err)}")
-            finally:
-                os.close(fd)
-            outcome["value"] = fn()
-        except BaseException as exc:  # handed to the caller's thread below
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=enter_and_run, name=f"netns:{netns}")
-    thread.start()
-    thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]  # type: ignore[no-any-return]
+    """Run ``fn`` with this thread in ``netns`` and back (tunnel/netns.py's switch,
+    the one setns in the tree); return or raise its result. ``fn`` must be short:
+    one socket() call or a few sysctl writes."""
+    with NetnsHandle(os.path.join(NETNS_DIR, netns)) as handle, inside(handle):
+        return fn()
 
 
 def socket_in(netns: str, kind: int = socket.SOCK_STREAM) -> socket.socket:
