@@ -26,16 +26,16 @@ What we control and what we cannot
   new handshakes follow the bundle.
 * Keys never touch disk: ``load_cert_chain`` only takes a path, so the PEM is
   written to an anonymous memory file (``memfd_create``) and loaded through
-  ``/proc/self/fd/N``; the descriptor is closed right after.
+  ``/proc/self/fd/N`` (``identity.tls_pem``); the descriptor is closed right after.
 """
 
 from __future__ import annotations
 
-import os
 import ssl
 
 from identity.certs import CertBundle, PeerIdentityError, identity_of_peer
 from identity.spiffe import Identity
+from identity.tls_pem import load_cert_chain_pem
 from identity.trust_bundle import TrustBundle, fingerprint
 
 ALPN = "h2"
@@ -126,13 +126,4 @@ def _common(ctx: MeshContext, bundle: CertBundle, trust: TrustBundle | None) -> 
     ctx.set_alpn_protocols([ALPN])
     ctx.load_verify_locations(cadata=(trust.pem if trust else bundle.root_pem).decode("ascii"))
     ctx.trusted = trust.fingerprints if trust else None
-    _load_chain_in_memory(ctx, bundle.chain_pem, bundle.key_pem)
-
-
-def _load_chain_in_memory(ctx: ssl.SSLContext, chain_pem: bytes, key_pem: bytes) -> None:
-    fd = os.memfd_create("trellis-credentials", os.MFD_CLOEXEC)
-    try:
-        os.write(fd, chain_pem + b"\n" + key_pem)
-        ctx.load_cert_chain(f"/proc/self/fd/{fd}")
-    finally:
-        os.close(fd)
+    load_cert_chain_pem(ctx, bundle.chain_pem, bundle.key_pem)
