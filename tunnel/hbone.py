@@ -631,6 +631,8 @@ class _HboneProtocol:
             if self._h2_closed():
                 self._reopen_for_graceful_goaway(h2_events)
             for event in h2_events:
+                if self._terminated:
+                    break  # the peer's error GOAWAY: what came after it is moot
                 handler = self._H2_HANDLERS.get(type(event))
                 if handler is not None:
                     handler(self, event)

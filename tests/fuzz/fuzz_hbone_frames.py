@@ -1,10 +1,16 @@
 """Fuzz the HBONE frame splitter (tunnel/hbone.py `_split`): how reads are cut must not matter.
 
 The same server-bound bytes go to two server cores, once whole and once cut
-into the pieces the first byte picks. Both must end alike: the same events (the
-data of each stream joined), or both a RemoteProtocolError. The splitter hands
-DATA out itself and everything else to h2, so this is where a frame header
+into the pieces the first byte picks. When both readings succeed they must
+give the same events (the data of each stream joined). The splitter hands DATA
+out itself and everything else to h2, so this is where a frame header
 straddling two reads, padding or a header block cut in the middle would show.
+
+A peer that breaks the protocol may be cut off at different frames: our answers
+go out between reads, so where a read ends changes the stream states the next
+frames meet (HEADERS on a stream we already answered is a stream error while
+the answer is pending, a connection error after it). Both are RFC 9113's; so a
+RemoteProtocolError in either reading is not compared.
 """
 
 from __future__ import annotations
@@ -57,7 +63,6 @@ def one_input(data: bytes) -> None:
     whole = _run([wire])
     cut = _run(list(pieces((data[:1] or b"\x00") + wire)))
     if whole[1] or cut[1]:
-        assert whole[1] == cut[1], f"only one reading failed: whole {whole[1]}, cut {cut[1]}"
         return
     gone = _reset_streams(whole[0]) | _reset_streams(cut[0])
     assert _settled(whole[0], gone) == _settled(cut[0], gone), \

@@ -305,3 +305,14 @@ def test_an_oversized_frame_after_an_error_goaway_in_the_same_read_is_not_judged
     server, raw = _server_and_raw()
     with pytest.raises(hbone.RemoteProtocolError):
         server.receive_data(oversized)
+
+
+def test_the_first_error_goaway_is_the_last_event_of_a_read() -> None:
+    """fuzz_hbone_frames: two GOAWAYs in one read gave two ConnectionTerminated events,
+    read apart only one (the connection is over after the first)."""
+    server, raw = _server_and_raw()
+    raw.close_connection(ErrorCodes.INTERNAL_ERROR)
+    first = raw.data_to_send()
+    goaway_again = first[:-4] + ErrorCodes.PROTOCOL_ERROR.to_bytes(4, "big")
+    events = server.receive_data(first + goaway_again)
+    assert events == [hbone.ConnectionTerminated(ErrorCodes.INTERNAL_ERROR, "", 0)]
