@@ -15,7 +15,7 @@ import re
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Protocol
 
@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from identity import ca_store, intermediate
-from identity.certs import CURVE, CertBundle, generate_key, private_key_pem
+from identity.certs import CURVE, CertBundle, generate_key, private_key_pem, utcnow
 from identity.spiffe import DEFAULT_TRUST_DOMAIN, Identity, InvalidIdentity
 
 ROOT_LIFETIME = timedelta(days=3650)
@@ -69,10 +69,6 @@ class ServerCredentials:
     key_pem: bytes = field(repr=False)
 
 
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
 class CertificateAuthority:
     """A signing key and certificate, the roots its leaves chain up to, and the rules.
 
@@ -84,7 +80,7 @@ class CertificateAuthority:
 
     def __init__(self, signing_key: ec.EllipticCurvePrivateKey,
                  signing_cert: x509.Certificate, trust_domain: str,
-                 clock: Callable[[], datetime] = _utcnow, *,
+                 clock: Callable[[], datetime] = utcnow, *,
                  issuer_chain: tuple[x509.Certificate, ...] = (),
                  roots: tuple[x509.Certificate, ...] = ()) -> None:
         self._root_key = signing_key
@@ -100,7 +96,7 @@ class CertificateAuthority:
 
     @classmethod
     def create(cls, trust_domain: str = DEFAULT_TRUST_DOMAIN,
-               clock: Callable[[], datetime] = _utcnow) -> CertificateAuthority:
+               clock: Callable[[], datetime] = utcnow) -> CertificateAuthority:
         """A fresh in-memory CA (tests, local tools)."""
         _check_trust_domain(trust_domain)
         key = generate_key()
@@ -108,7 +104,7 @@ class CertificateAuthority:
 
     @classmethod
     def load_or_create(cls, state_dir: Path, trust_domain: str = DEFAULT_TRUST_DOMAIN,
-                       clock: Callable[[], datetime] = _utcnow) -> CertificateAuthority:
+                       clock: Callable[[], datetime] = utcnow) -> CertificateAuthority:
         """The CA persisted in `state_dir` (root-cert.pem, root-key.pem), created if absent."""
         _check_trust_domain(trust_domain)
         loaded = ca_store.load(state_dir)
@@ -128,7 +124,7 @@ class CertificateAuthority:
 
     @classmethod
     def from_plugin(cls, state_dir: Path, trust_domain: str = DEFAULT_TRUST_DOMAIN,
-                    clock: Callable[[], datetime] = _utcnow) -> CertificateAuthority:
+                    clock: Callable[[], datetime] = utcnow) -> CertificateAuthority:
         """A CA signing with the intermediate in ``state_dir`` (``identity.intermediate``:
         ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem). Creates nothing."""
         _check_trust_domain(trust_domain)

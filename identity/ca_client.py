@@ -12,7 +12,6 @@ import ssl
 from urllib.parse import urlsplit
 
 from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from identity.ca_api import SIGN_PATH
@@ -23,6 +22,7 @@ from identity.certs import (
     generate_key,
     load_pem_chain,
     private_key_pem,
+    spki,
 )
 from identity.http1 import HttpError, parse_response, render_request
 from identity.spiffe import Identity
@@ -155,14 +155,7 @@ def _bundle_from(body: bytes, key: ec.EllipticCurvePrivateKey, identity: Identit
     except (ValueError, UnsupportedAlgorithm) as exc:
         raise CertificateRequestFailed(
             200, f"CA at {ca_url} answered with a certificate of unusable key: {exc}") from None
-    if _spki(leaf_key) != _spki(key.public_key()):
+    if spki(leaf_key) != spki(key.public_key()):
         raise CertificateRequestFailed(
             200, f"CA at {ca_url} returned a certificate for a different key")
     return bundle
-
-
-def _spki(key: object) -> bytes:
-    if not isinstance(key, ec.EllipticCurvePublicKey):
-        return b""
-    return key.public_bytes(serialization.Encoding.DER,
-                            serialization.PublicFormat.SubjectPublicKeyInfo)

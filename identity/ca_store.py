@@ -15,7 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from identity.certs import private_key_pem
+from identity.certs import private_key_pem, spki
 
 CERT_FILE = "root-cert.pem"
 KEY_FILE = "root-key.pem"
@@ -55,13 +55,6 @@ def save(state_dir: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKe
     _write_atomically(state_dir / KEY_FILE, private_key_pem(key), mode=0o600)
     _write_atomically(state_dir / CERT_FILE, cert.public_bytes(serialization.Encoding.PEM),
                       mode=0o644)
-
-
-def spki(key: object) -> bytes:
-    if not isinstance(key, ec.EllipticCurvePublicKey):
-        return b""
-    return key.public_bytes(serialization.Encoding.DER,
-                            serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def _load_cert(path: Path) -> x509.Certificate:

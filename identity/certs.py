@@ -9,7 +9,7 @@ in one place.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -24,6 +24,20 @@ CURVE = ec.SECP256R1
 
 class PeerIdentityError(ValueError):
     """A peer certificate that does not name exactly one workload SPIFFE ID."""
+
+
+def utcnow() -> datetime:
+    """The real clock, timezone-aware; the default wherever a clock is injected."""
+    return datetime.now(UTC)
+
+
+def spki(key: object) -> bytes:
+    """A public key's DER SubjectPublicKeyInfo, for "is this the same key"; empty
+    for a key type Trellis does not use, which then matches no P-256 key."""
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        return b""
+    return key.public_bytes(serialization.Encoding.DER,
+                            serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def generate_key() -> ec.EllipticCurvePrivateKey:

@@ -25,7 +25,8 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from identity.ca_store import CaStateError, load_key, spki
+from identity.ca_store import CaStateError, load_key
+from identity.certs import spki
 
 CA_CERT_FILE = "ca-cert.pem"
 CA_KEY_FILE = "ca-key.pem"

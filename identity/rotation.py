@@ -22,11 +22,11 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Protocol
 
 from identity.ca import CLOCK_SKEW
-from identity.certs import CertBundle
+from identity.certs import CertBundle, utcnow
 from identity.spiffe import Identity
 
 log = logging.getLogger("trellis.identity")
@@ -79,10 +79,6 @@ class Cancellable(Protocol):
 CallLater = Callable[[float, Callable[[], None]], Cancellable]
 
 
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
 @dataclass
 class _Tracked:
     """Mutable per-identity state, owned by the manager and its one worker."""
@@ -98,7 +94,7 @@ class _Tracked:
 
 
 class CertificateManager:
-    def __init__(self, fetch: Fetch, *, clock: Callable[[], datetime] = _utcnow,
+    def __init__(self, fetch: Fetch, *, clock: Callable[[], datetime] = utcnow,
                  call_later: CallLater | None = None,
                  jitter: Callable[[], float] = random.random) -> None:
         self._fetch = fetch
