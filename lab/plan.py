@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lab.spec import MAX_NODES, LabSpec, PodSpec
-from tunnel.state import AMBIENT, DATAPLANE_LABEL, NONE
+from nodeagent.objects import is_enrolled
 
 DEFAULT_PREFIX = "tlab-"
 NETNS_DIR = "/run/netns"  # where `ip netns` (and pyroute2) mount named namespaces
@@ -169,15 +169,6 @@ def plan_lab(spec: LabSpec, prefix: str = DEFAULT_PREFIX,
         pods.append(PodPlan(pod.name, pod.namespace, pod.node, netns, ip,
                             pod.service_account, pod.labels, enrolled))
     return LabPlan(prefix, nodes, tuple(pods), _plan_services(spec, previous))
-
-
-def is_enrolled(pod_labels: Mapping[str, str], namespace_labels: Mapping[str, str]) -> bool:
-    """Istio ambient's rule, as the node agent applies it (nodeagent/objects.py): a pod
-    labelled ambient is in; one labelled none is out; any other follows its namespace."""
-    mode = pod_labels.get(DATAPLANE_LABEL)
-    if mode == AMBIENT:
-        return True
-    return mode != NONE and namespace_labels.get(DATAPLANE_LABEL) == AMBIENT
 
 
 def natural_key(name: str) -> list[Any]:

@@ -137,7 +137,9 @@ def _namespace(doc: _Doc) -> tuple[str, Mapping[str, str]]:
     return f.text("metadata.name"), f.text_map("metadata.labels")
 
 
-def _enrolled(pod_labels: Mapping[str, str], ns_labels: Mapping[str, str]) -> bool:
+def is_enrolled(pod_labels: Mapping[str, str], ns_labels: Mapping[str, str]) -> bool:
+    """Istio ambient's rule, the one copy (the lab plans with it too): a pod labelled
+    ambient is in; one labelled none is out; any other follows its namespace."""
     mode = pod_labels.get(DATAPLANE_LABEL)
     if mode == AMBIENT:
         return True
@@ -182,7 +184,7 @@ def _pod(doc: _Doc, namespaces: Mapping[str, Mapping[str, str]], trust_domain: s
         labels=labels,
         # A hostNetwork pod shares the node's namespace: redirecting "its" traffic
         # would redirect the node's, so it is never enrolled (istio-cni skips it too).
-        enrolled=_enrolled(labels, namespaces.get(ns, _EMPTY))
+        enrolled=is_enrolled(labels, namespaces.get(ns, _EMPTY))
         and f.get("spec.hostNetwork") is not True,
         trust_domain=trust_domain,
         netns=netns,
