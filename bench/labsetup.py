@@ -28,17 +28,17 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from lab import changes, lifecycle, nsenter, redirect_mode, supervisor
 from lab.errors import LabError
+from lab.lifecycle import Out
 from lab.plan import DEFAULT_PREFIX, LabPlan, PodPlan
 from lab.processes import agent_name, proxy_name
 from lab.state import ENV_DIR, ENV_PREFIX, LabDir, load_record, netns_prefix
 
-Out = Callable[[str], None]
 NAMESPACE = "bench"
 CLIENT_NODE, SERVER_NODE = "node-1", "node-2"
 ENROLL_SECONDS = 30.0

@@ -17,7 +17,7 @@ import json
 import platform
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,10 +27,10 @@ from bench.labsetup import BenchLab, BenchLabs, bench_labs
 from bench.procs import Started, python_module, wait_port
 from bench.workloads import Durations, Figures, measure, raise_fd_limits, wait_answering
 from bench.workloads import Path as ClientPath
+from lab.lifecycle import Out
 from lab.plan import PodPlan
 from lab.state import LabDir
 
-Out = Callable[[str], None]
 SCENARIOS = ("direct", "trellis", "trellis-ebpf", "envoy", "stunnel")
 # The mesh scenarios and the redirect mode of each; the others use the plain pods.
 MESH_SCENARIOS = {"trellis": "iptables", "trellis-ebpf": "ebpf"}

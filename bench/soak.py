@@ -38,8 +38,8 @@ from typing import Any
 
 from bench.procs import Started, in_pod, python_module, rss_kb, wait_port
 from lab import nsenter
+from lab.lifecycle import Out
 
-Out = Callable[[str], None]
 ECHO_PORT = 9090
 WARMUP_CONNECTIONS = 100  # per leg
 CONCURRENCY = 64  # connects in flight per holder: more only queues in the proxies

@@ -14,16 +14,15 @@ import datetime
 import json
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 from bench.labsetup import BenchLab, bench_labs
 from bench.soak import ECHO_PORT, Leg, NodeProxy, SoakReport, run_soak
 from lab import nsenter
+from lab.lifecycle import Out
 from lab.plan import PodPlan
 from lab.state import LabDir, load_record
 
-Out = Callable[[str], None]
 DEFAULT_CONNECTIONS = 10_000
 FORWARD_SHARE = 0.8
 

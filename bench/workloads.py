@@ -11,13 +11,13 @@ import json
 import resource
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bench.procs import in_pod, python_module, run_in, total_cpu, total_rss
+from lab.lifecycle import Out
 
 Figures = dict[str, float | None]
-Out = Callable[[str], None]
 CLIENT_GRACE_SECONDS = 20.0  # beyond a client's own duration, before it is killed
 HOLD_SECONDS = 60.0  # the most a hold may last if the bench died before closing it
 

@@ -52,6 +52,8 @@ from lab.state import (
     write_atomic,
 )
 
+# Where a command writes its progress lines (print, or a test's list.append);
+# the one definition, which bench imports too.
 Out = Callable[[str], None]
 DEFAULT_SOURCE = "default lab"
 
