@@ -16,6 +16,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from identity.ca import CertificateAuthority
+from identity.spiffe import DEFAULT_TRUST_DOMAIN
+
 ROOT_MARKERS = ("netns", "e2e", "cluster")
 
 
@@ -45,6 +48,13 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         names = ", ".join(r.nodeid for r in root_skips[:5])
         print(f"\nERROR: {len(root_skips)} root/namespace tests skipped in CI: {names}")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(scope="session")
+def ca() -> CertificateAuthority:
+    """The one test CA (trust domain cluster.local), shared by every tier: a CA
+    costs a key generation, and the tests only need it to sign."""
+    return CertificateAuthority.create(trust_domain=DEFAULT_TRUST_DOMAIN)
 
 
 @contextlib.contextmanager

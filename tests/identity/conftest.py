@@ -9,11 +9,6 @@ from identity.ca import CertificateAuthority
 
 
 @pytest.fixture(scope="session")
-def ca() -> CertificateAuthority:
-    return CertificateAuthority.create()
-
-
-@pytest.fixture(scope="session")
 def fixed_ca() -> CertificateAuthority:
     """A CA whose clock always reads `NOW`, for exact validity checks."""
     return CertificateAuthority.create(clock=lambda: NOW)

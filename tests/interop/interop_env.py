@@ -90,14 +90,9 @@ def make_bed(directory: Path) -> Bed:
     return bed
 
 
-# Fixtures, imported by name into each test module. (No conftest.py here: the
-# tunnel tests import their own `conftest` module by name, and a second one on
-# sys.path would shadow it.)
-
-
-@pytest.fixture(scope="session", name="mesh_ca")
-def mesh_ca_fixture() -> CertificateAuthority:
-    return CertificateAuthority.create(trust_domain="cluster.local")
+# Fixtures, imported by name into each test module; the CA, `ca`, is the root
+# tests/conftest.py's. (No conftest.py here: the tunnel tests import their own
+# `conftest` module by name, and a second one on sys.path would shadow it.)
 
 
 @pytest.fixture(scope="module", name="bed")

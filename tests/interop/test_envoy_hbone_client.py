@@ -33,7 +33,6 @@ from interop_env import (
     bed_fixture,  # noqa: F401 - a fixture: pytest finds it by its name, "bed"
     exchange,
     expired,
-    mesh_ca_fixture,  # noqa: F401 - a fixture: pytest finds it by its name, "mesh_ca"
     pattern,
     policies,
     run,
@@ -60,9 +59,9 @@ PORTS = {"good": 15101, "spoof": 15102, "bad_authority": 15103, "wrong_san": 151
 
 
 @pytest.fixture(scope="module")
-def envoy(bed: Bed, mesh_ca: CertificateAuthority) -> Iterator[tuple[EnvoyProcess, Path]]:
-    certs = write_cert_files(bed.dir, "envoy-client", mesh_ca.issue(ENVOY_CLIENT))
-    stale = write_cert_files(bed.dir, "envoy-client-expired", expired(mesh_ca, ENVOY_CLIENT))
+def envoy(bed: Bed, ca: CertificateAuthority) -> Iterator[tuple[EnvoyProcess, Path]]:
+    certs = write_cert_files(bed.dir, "envoy-client", ca.issue(ENVOY_CLIENT))
+    stale = write_cert_files(bed.dir, "envoy-client-expired", expired(ca, ENVOY_CLIENT))
     log = bed.dir / "envoy-client-access.log"
 
     def case(name: str, *, authority: str = f"{APP_IP}:{APP_PORT}", san: str = BACKEND.uri,
@@ -95,7 +94,7 @@ def _via(bed: Bed, case: str, upload: bytes = b"hello", download: int = 5):  # t
 
 
 def test_envoy_reaches_the_app_which_sees_envoys_own_ip_and_half_close_works(
-        bed: Bed, envoy: tuple[EnvoyProcess, Path], mesh_ca: CertificateAuthority) -> None:
+        bed: Bed, envoy: tuple[EnvoyProcess, Path], ca: CertificateAuthority) -> None:
     """A 9 MiB upload, then shutdown(SHUT_WR): the tail and the 5 MiB answer arrive.
 
     Both exceed the 4 MiB stream windows each side advertises, so both sides'
@@ -105,7 +104,7 @@ def test_envoy_reaches_the_app_which_sees_envoys_own_ip_and_half_close_works(
     download = 5 * 1024 * 1024 + 3
 
     async def main() -> None:
-        async with TrellisNode(bed, _state(bed), {BACKEND: mesh_ca.issue(BACKEND)}) as node, \
+        async with TrellisNode(bed, _state(bed), {BACKEND: ca.issue(BACKEND)}) as node, \
                 App(bed.app_ns, (APP_IP, APP_PORT)):
             got = await _via(bed, "good", upload, download)
             assert got.report == {"peer": ENVOY_IP, "bytes": len(upload),
@@ -136,14 +135,14 @@ spec:
 
 
 def test_a_spoofed_forwarded_header_changes_neither_the_source_ip_nor_policy(
-        bed: Bed, envoy: tuple[EnvoyProcess, Path], mesh_ca: CertificateAuthority,
+        bed: Bed, envoy: tuple[EnvoyProcess, Path], ca: CertificateAuthority,
         caplog: pytest.LogCaptureFixture) -> None:
     """Envoy's identity is no waypoint, so `forwarded: for=<spoofed>` is ignored."""
     deny_spoofed = policies(DENY_YAML.format(name="deny-spoofed", ip=SPOOFED_IP))
     deny_envoy = policies(DENY_YAML.format(name="deny-envoy", ip=ENVOY_IP))
 
     async def main() -> None:
-        async with TrellisNode(bed, _state(bed), {BACKEND: mesh_ca.issue(BACKEND)},
+        async with TrellisNode(bed, _state(bed), {BACKEND: ca.issue(BACKEND)},
                                deny_spoofed) as node, App(bed.app_ns, (APP_IP, APP_PORT)):
             got = await _via(bed, "spoof")
             assert got.report is not None and got.report["peer"] == ENVOY_IP
@@ -162,10 +161,10 @@ def test_a_spoofed_forwarded_header_changes_neither_the_source_ip_nor_policy(
 
 
 def test_a_bad_authority_is_answered_400_and_logged(
-        bed: Bed, envoy: tuple[EnvoyProcess, Path], mesh_ca: CertificateAuthority,
+        bed: Bed, envoy: tuple[EnvoyProcess, Path], ca: CertificateAuthority,
         caplog: pytest.LogCaptureFixture) -> None:
     async def main() -> None:
-        async with TrellisNode(bed, _state(bed), {BACKEND: mesh_ca.issue(BACKEND)}) as node, \
+        async with TrellisNode(bed, _state(bed), {BACKEND: ca.issue(BACKEND)}) as node, \
                 App(bed.app_ns, (APP_IP, APP_PORT)):
             got = await _via(bed, "bad_authority")
             assert got.report is None
@@ -183,9 +182,9 @@ def test_a_bad_authority_is_answered_400_and_logged(
 
 
 def test_envoy_refuses_a_server_with_another_identity(
-        bed: Bed, envoy: tuple[EnvoyProcess, Path], mesh_ca: CertificateAuthority) -> None:
+        bed: Bed, envoy: tuple[EnvoyProcess, Path], ca: CertificateAuthority) -> None:
     async def main() -> None:
-        async with TrellisNode(bed, _state(bed), {BACKEND: mesh_ca.issue(BACKEND)}), \
+        async with TrellisNode(bed, _state(bed), {BACKEND: ca.issue(BACKEND)}), \
                 App(bed.app_ns, (APP_IP, APP_PORT)):
             got = await _via(bed, "wrong_san")
             assert got.report is None
@@ -196,9 +195,9 @@ def test_envoy_refuses_a_server_with_another_identity(
 
 
 def test_envoy_refuses_an_expired_server_certificate(
-        bed: Bed, envoy: tuple[EnvoyProcess, Path], mesh_ca: CertificateAuthority) -> None:
+        bed: Bed, envoy: tuple[EnvoyProcess, Path], ca: CertificateAuthority) -> None:
     async def main() -> None:
-        async with TrellisNode(bed, _state(bed), {BACKEND: expired(mesh_ca, BACKEND)}), \
+        async with TrellisNode(bed, _state(bed), {BACKEND: expired(ca, BACKEND)}), \
                 App(bed.app_ns, (APP_IP, APP_PORT)):
             got = await _via(bed, "good")
             assert got.report is None
@@ -208,10 +207,10 @@ def test_envoy_refuses_an_expired_server_certificate(
 
 
 def test_trellis_refuses_an_expired_client_certificate(
-        bed: Bed, envoy: tuple[EnvoyProcess, Path], mesh_ca: CertificateAuthority,
+        bed: Bed, envoy: tuple[EnvoyProcess, Path], ca: CertificateAuthority,
         caplog: pytest.LogCaptureFixture) -> None:
     async def main() -> None:
-        async with TrellisNode(bed, _state(bed), {BACKEND: mesh_ca.issue(BACKEND)}), \
+        async with TrellisNode(bed, _state(bed), {BACKEND: ca.issue(BACKEND)}), \
                 App(bed.app_ns, (APP_IP, APP_PORT)):
             got = await _via(bed, "expired")
             assert got.report is None
@@ -226,7 +225,7 @@ def test_trellis_refuses_an_expired_client_certificate(
 
 
 def test_a_reset_crosses_envoy_and_trellis_in_both_directions(
-        bed: Bed, envoy: tuple[EnvoyProcess, Path], mesh_ca: CertificateAuthority) -> None:
+        bed: Bed, envoy: tuple[EnvoyProcess, Path], ca: CertificateAuthority) -> None:
     """Client RST → Envoy's RST_STREAM → Trellis resets the app's connection (RST).
     App RST → Trellis's RST_STREAM(CONNECT_ERROR) → Envoy, which ends its client
     connection with a FIN, not a RST: Envoy's tcp_proxy does not carry a reset
@@ -236,7 +235,7 @@ def test_a_reset_crosses_envoy_and_trellis_in_both_directions(
     received_before = proc.stat("cluster.good_upstream.http2.rx_reset")
 
     async def main() -> tuple[str, Exchange]:
-        async with TrellisNode(bed, _state(bed), {BACKEND: mesh_ca.issue(BACKEND)}), \
+        async with TrellisNode(bed, _state(bed), {BACKEND: ca.issue(BACKEND)}), \
                 App(bed.app_ns, (APP_IP, APP_PORT)) as app:
             await send_then_reset(bed.envoy_ns, ("127.0.0.1", PORTS["good"]),
                                   b"100\n" + b"x" * 1000)

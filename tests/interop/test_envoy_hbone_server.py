@@ -31,7 +31,6 @@ from interop_env import (
     bed_fixture,  # noqa: F401 - a fixture: pytest finds it by its name, "bed"
     exchange,
     expired,
-    mesh_ca_fixture,  # noqa: F401 - a fixture: pytest finds it by its name, "mesh_ca"
     pattern,
     run,
     wait_for_log,
@@ -56,11 +55,11 @@ IMPOSTOR = Identity.of("demo", "impostor")
 
 
 @pytest.fixture(scope="module")
-def envoy(bed: Bed, mesh_ca: CertificateAuthority) -> Iterator[tuple[EnvoyProcess, Path]]:
+def envoy(bed: Bed, ca: CertificateAuthority) -> Iterator[tuple[EnvoyProcess, Path]]:
     log = bed.dir / "envoy-server-access.log"
-    good = write_cert_files(bed.dir, "waypoint", mesh_ca.issue(WAYPOINT))
-    impostor = write_cert_files(bed.dir, "impostor", mesh_ca.issue(IMPOSTOR))
-    stale = write_cert_files(bed.dir, "waypoint-expired", expired(mesh_ca, WAYPOINT))
+    good = write_cert_files(bed.dir, "waypoint", ca.issue(WAYPOINT))
+    impostor = write_cert_files(bed.dir, "impostor", ca.issue(IMPOSTOR))
+    stale = write_cert_files(bed.dir, "waypoint-expired", expired(ca, WAYPOINT))
     config = merge_bootstraps(*(
         hbone_server_config((ip, 15008), ENVOY_APP, certs, authority=f"{ip}:{APP_PORT}",
                             access_log=log, admin_port=15001, name=name)
@@ -94,14 +93,14 @@ def _outbound_failures(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 
 def test_trellis_tunnels_to_envoy_which_sees_its_spiffe_identity_and_half_close_works(
-        bed: Bed, envoy: tuple[EnvoyProcess, Path], mesh_ca: CertificateAuthority) -> None:
+        bed: Bed, envoy: tuple[EnvoyProcess, Path], ca: CertificateAuthority) -> None:
     """9 MiB up then shutdown(SHUT_WR); the app answers after EOF with 5 MiB down
     (both beyond the 4 MiB stream windows, so flow control is exercised)."""
     upload = pattern(9 * 1024 * 1024 + 11)[::-1]
     download = 5 * 1024 * 1024 + 5
 
     async def main() -> None:
-        async with TrellisNode(bed, _state(bed), {BACKEND: mesh_ca.issue(BACKEND)}) as node, \
+        async with TrellisNode(bed, _state(bed), {BACKEND: ca.issue(BACKEND)}) as node, \
                 App(bed.envoy_ns, ENVOY_APP):
             got = await _from_app_pod(bed, ENVOY_IP, upload=upload, download=download)
             assert got.report == {"peer": "127.0.0.1", "bytes": len(upload),
@@ -121,10 +120,10 @@ def test_trellis_tunnels_to_envoy_which_sees_its_spiffe_identity_and_half_close_
 
 
 def test_a_bad_authority_gets_envoys_404_and_trellis_logs_it(
-        bed: Bed, envoy: tuple[EnvoyProcess, Path], mesh_ca: CertificateAuthority,
+        bed: Bed, envoy: tuple[EnvoyProcess, Path], ca: CertificateAuthority,
         caplog: pytest.LogCaptureFixture) -> None:
     async def main() -> None:
-        async with TrellisNode(bed, _state(bed), {BACKEND: mesh_ca.issue(BACKEND)}) as node, \
+        async with TrellisNode(bed, _state(bed), {BACKEND: ca.issue(BACKEND)}) as node, \
                 App(bed.envoy_ns, ENVOY_APP):
             got = await _from_app_pod(bed, ENVOY_IP, port=9090)
             assert got.report is None
@@ -139,10 +138,10 @@ def test_a_bad_authority_gets_envoys_404_and_trellis_logs_it(
 
 
 def test_trellis_refuses_envoy_presenting_another_identity(
-        bed: Bed, envoy: tuple[EnvoyProcess, Path], mesh_ca: CertificateAuthority,
+        bed: Bed, envoy: tuple[EnvoyProcess, Path], ca: CertificateAuthority,
         caplog: pytest.LogCaptureFixture) -> None:
     async def main() -> None:
-        async with TrellisNode(bed, _state(bed), {BACKEND: mesh_ca.issue(BACKEND)}) as node, \
+        async with TrellisNode(bed, _state(bed), {BACKEND: ca.issue(BACKEND)}) as node, \
                 App(bed.envoy_ns, ENVOY_APP):
             got = await _from_app_pod(bed, ENVOY_IMPOSTOR_IP)
             assert got.report is None
@@ -157,10 +156,10 @@ def test_trellis_refuses_envoy_presenting_another_identity(
 
 
 def test_trellis_refuses_an_expired_server_certificate(
-        bed: Bed, envoy: tuple[EnvoyProcess, Path], mesh_ca: CertificateAuthority,
+        bed: Bed, envoy: tuple[EnvoyProcess, Path], ca: CertificateAuthority,
         caplog: pytest.LogCaptureFixture) -> None:
     async def main() -> None:
-        async with TrellisNode(bed, _state(bed), {BACKEND: mesh_ca.issue(BACKEND)}), \
+        async with TrellisNode(bed, _state(bed), {BACKEND: ca.issue(BACKEND)}), \
                 App(bed.envoy_ns, ENVOY_APP):
             got = await _from_app_pod(bed, ENVOY_EXPIRED_IP)
             assert got.report is None
@@ -173,10 +172,10 @@ def test_trellis_refuses_an_expired_server_certificate(
 
 
 def test_envoy_refuses_an_expired_client_certificate(
-        bed: Bed, envoy: tuple[EnvoyProcess, Path], mesh_ca: CertificateAuthority,
+        bed: Bed, envoy: tuple[EnvoyProcess, Path], ca: CertificateAuthority,
         caplog: pytest.LogCaptureFixture) -> None:
     async def main() -> None:
-        async with TrellisNode(bed, _state(bed), {BACKEND: expired(mesh_ca, BACKEND)}), \
+        async with TrellisNode(bed, _state(bed), {BACKEND: expired(ca, BACKEND)}), \
                 App(bed.envoy_ns, ENVOY_APP):
             got = await _from_app_pod(bed, ENVOY_IP)
             assert got.report is None

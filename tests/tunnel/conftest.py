@@ -13,11 +13,6 @@ BACKEND = Identity.of("default", "backend")
 
 
 @pytest.fixture(scope="session")
-def ca() -> CertificateAuthority:
-    return CertificateAuthority.create(trust_domain="cluster.local")
-
-
-@pytest.fixture(scope="session")
 def frontend_bundle(ca: CertificateAuthority) -> CertBundle:
     return ca.issue(FRONTEND)
 
