@@ -7,6 +7,7 @@ proxy's own connects, and unmarked ones for the app.
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import time
 import uuid
@@ -100,8 +101,39 @@ def test_remove_leaves_nothing_and_can_repeat(netns: str, pod: PodNetwork) -> No
     assert "TRELLIS" not in _save(netns)
 
 
-def test_remove_of_a_vanished_namespace_is_harmless() -> None:
-    REDIRECTOR.remove(_pod("x", path=f"/run/netns/trl-gone-{uuid.uuid4().hex[:8]}"))
+class _Recording(IptablesRedirector):
+    """The real redirector, noting every command it runs and in which namespace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ran: list[tuple[int, str]] = []
+
+    def _run(self, pod: PodNetwork, ns: NetnsHandle, argv: list[str],
+             stdin: str | None = None) -> str:
+        self.ran.append((ns.inode, argv[0]))
+        return super()._run(pod, ns, argv, stdin)
+
+
+def test_remove_of_a_vanished_namespace_is_harmless(
+        netns: str, pod: PodNetwork, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="trellis.nodeagent.redirect")
+    recording = _Recording()
+    # Returns quietly, runs no command anywhere (not in the agent's own
+    # namespace, where a fall-through would strip the node's rules), and does
+    # not claim a removal it did not do.
+    recording.remove(_pod("x", path=f"/run/netns/trl-gone-{uuid.uuid4().hex[:8]}"))
+    assert recording.ran == []
+    assert "redirection removed" not in caplog.text
+    # Positive control, same redirector and log: a namespace that is there is
+    # entered, cleaned, and the removal logged.
+    recording.apply(pod)
+    assert "TRELLIS" in _save(netns)
+    recording.ran.clear()
+    recording.remove(pod)
+    with NetnsHandle(pod.netns_path) as handle:
+        assert (handle.inode, "iptables-save") in recording.ran
+    assert "TRELLIS" not in _save(netns)
+    assert "redirection removed" in caplog.text
 
 
 def test_failures_name_the_pod(netns: str) -> None:
