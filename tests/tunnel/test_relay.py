@@ -7,6 +7,7 @@ import hashlib
 import os
 import socket
 import struct
+from collections.abc import Callable
 
 import pytest
 from hbone_env import HboneEnv, client_socket, listening_socket, run
@@ -42,6 +43,14 @@ def rst(writer: asyncio.StreamWriter) -> None:
     writer.transport.abort()
 
 
+async def until(condition: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    """Wait for a condition the relay offers no event for, failing after ``timeout``."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.005)
+
+
 async def relay_pair() -> tuple[Accepted, Accepted]:
     """front: where the test's client connects; back: where the relay connects to."""
     return await Accepted().start(), await Accepted().start()
@@ -54,8 +63,7 @@ def test_reads_before_the_splice_are_held_not_lost() -> None:
         writer.write(b"early bytes")
         writer.write_eof()  # even the EOF arrives before anyone splices
         downstream = await front.queue.get()
-        await asyncio.sleep(0.05)
-        assert downstream.bytes_received == len(b"early bytes")
+        await until(lambda: downstream.bytes_received == len(b"early bytes"), "the early bytes")
         assert downstream.transport is not None
         assert downstream.transport.get_write_buffer_limits()[1] == relay.WRITE_HIGH_WATER
         upstream = await connect_tcp(client_socket(), back.address, timeout=5)
@@ -111,11 +119,7 @@ def test_splice_of_an_endpoint_that_already_closed_finishes_at_once() -> None:
         downstream = await front.queue.get()
         rst(writer)
         downstream.resume_reading()  # let the loop notice the reset
-        for _ in range(100):
-            if downstream.is_closed:
-                break
-            await asyncio.sleep(0.01)
-        assert downstream.is_closed
+        await until(lambda: downstream.is_closed, "the reset to close the endpoint")
         upstream = await connect_tcp(client_socket(), back.address, timeout=5)
         result = await asyncio.wait_for(splice(downstream, upstream), 5)
         assert result.error is not None
@@ -134,9 +138,12 @@ def test_cancelling_splice_aborts_both_sides() -> None:
         downstream = await front.queue.get()
         upstream = await connect_tcp(client_socket(), back.address, timeout=5)
         app = await back.queue.get()
+        arrived = asyncio.Event()
+        app.on_data = lambda data: arrived.set()
         app.resume_reading()
         waiter = asyncio.ensure_future(splice(downstream, upstream))
-        await asyncio.sleep(0.05)
+        writer.write(b"x")  # through the splice: proof that it runs before the cancel
+        await asyncio.wait_for(arrived.wait(), 5)
         waiter.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiter
@@ -154,14 +161,18 @@ def test_cancelling_splice_aborts_both_sides() -> None:
 def test_client_reset_reaches_the_app_through_the_tunnel_as_a_reset(
         frontend_bundle: CertBundle, backend_bundle: CertBundle) -> None:
     async def main() -> None:
-        app_saw: list[object] = []
+        loop = asyncio.get_running_loop()
+        app_has_request = asyncio.Event()
+        app_saw: asyncio.Future[object] = loop.create_future()
 
         async def app_handler(reader: asyncio.StreamReader,
                               writer: asyncio.StreamWriter) -> None:
             try:
-                app_saw.append(await reader.read())
+                await reader.readexactly(len(b"partial request"))
+                app_has_request.set()
+                app_saw.set_result(await reader.read())
             except ConnectionError as exc:
-                app_saw.append(exc)
+                app_saw.set_result(exc)
             writer.close()
 
         app = await asyncio.start_server(app_handler, "127.0.0.1", 0)
@@ -170,16 +181,11 @@ def test_client_reset_reaches_the_app_through_the_tunnel_as_a_reset(
         try:
             _, writer = await asyncio.open_connection(*env.outbound_address)
             writer.write(b"partial request")
-            await env.inbound.handle_ready.wait()
-            await asyncio.sleep(0.05)
+            await asyncio.wait_for(app_has_request.wait(), 5)  # the tunnel is up end to end
             rst(writer)  # the client dies mid-request
             result = await asyncio.wait_for(env.inbound.handles[0].wait(), 5)
             assert result.error is not None and "reset" in result.error
-            for _ in range(100):
-                if app_saw:
-                    break
-                await asyncio.sleep(0.02)
-            assert isinstance(app_saw[0], ConnectionResetError)
+            assert isinstance(await asyncio.wait_for(app_saw, 5), ConnectionResetError)
         finally:
             await env.close()
             app.close()
@@ -197,10 +203,23 @@ def test_bulk_to_a_slow_reader_arrives_intact() -> None:
         upstream = await connect_tcp(client_socket(), back.address, timeout=5)
         app = await back.queue.get()
         handle = start_splice(downstream, upstream)
+        # The app reads nothing yet, so every buffer fills up: the kernel's, then
+        # the relay's transport toward the app, which pauses the other side.
+        filled = asyncio.Event()
+        pause_downstream = upstream.on_write_paused
+
+        def paused() -> None:
+            pause_downstream()
+            filled.set()
+
+        upstream.on_write_paused = paused
         payload = os.urandom(24 * 1024 * 1024)
         writer.write(payload)
         writer.write_eof()
-        await asyncio.sleep(0.2)  # the app reads nothing yet: every buffer fills up
+        await asyncio.wait_for(filled.wait(), 10)
+        assert upstream.writing_paused
+        assert upstream.transport is not None
+        assert upstream.transport.get_write_buffer_size() >= relay.WRITE_HIGH_WATER
         got = hashlib.sha256()
         received = 0
         done = asyncio.Event()
