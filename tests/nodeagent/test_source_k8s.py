@@ -5,6 +5,7 @@ policies, an expired watch, dropped connections."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from k8s_support import (
     write_kubeconfig,
 )
 
+from nodeagent.k8s_watch import Backoff
 from nodeagent.source_k8s import KubernetesSource
 from tunnel import tasks
 
@@ -276,15 +278,44 @@ def test_host_network_pods_are_known_but_never_enrolled(tmp_path: Path) -> None:
 
 
 def test_watches_that_end_at_once_are_retried_with_backoff_not_in_a_spin(
-        tmp_path: Path) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Counted, not timed: every delay the watches' backoffs hand out is recorded
+    # (with the loop's clock), and each retry must follow one of them, with
+    # delays that grow and that were actually waited out.
+    handed_out: dict[int, list[float]] = {}
+    handed_at: dict[int, list[float]] = {}
+    real_delay = Backoff.delay
+
+    def recorded(self: Backoff) -> float:
+        value = real_delay(self)
+        handed_out.setdefault(id(self), []).append(value)
+        handed_at.setdefault(id(self), []).append(asyncio.get_running_loop().time())
+        return value
+
+    monkeypatch.setattr(Backoff, "delay", recorded)
+
     async def body(server: FakeApiServer, src: KubernetesSource, f: Follower) -> None:
+        watches = {id(r._backoff) for r in src.reflectors if not r.absent}
+        handed_out.clear()
+        handed_at.clear()
         server.end_watches_at_once = True
         server.drop_watches()
         before = len(server.requests)
-        await asyncio.sleep(1.5)
-        # 6 resources, backoff from 0.05 s doubling to 0.5 s: about 6 tries each.
-        # A spin would make thousands.
-        assert 5 <= len(server.requests) - before <= 60
+        async with asyncio.timeout(10):
+            while not all(len(handed_out.get(w, ())) >= 4 for w in watches):
+                await asyncio.sleep(0.01)
+        made = len(server.requests) - before
+        slept = sum(len(handed_out.get(w, ())) for w in watches)
+        # One watch request per backoff delay, plus the one each has in flight;
+        # a spin would make thousands with none.
+        assert made <= slept + len(watches), (made, slept)
+        for w in watches:
+            first = handed_out[w][:4]  # 0.05 s doubling, below the 0.5 s cap, ±20% jitter
+            assert first[0] > 0 and all(b >= a * 1.3 for a, b in itertools.pairwise(first)), first
+            # The next delay is asked for only after the previous one was slept:
+            # a lower bound, which a busy machine cannot break.
+            at = handed_at[w][:4]
+            assert at[3] - at[0] >= sum(first[:3]) - 0.005, (at, first)
         server.end_watches_at_once = False
         await server.apply(PODS, pod("web-2", "10.1.0.12"))
         await f.until(lambda s: "web-2" in names(s))
