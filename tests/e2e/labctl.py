@@ -82,3 +82,23 @@ def wait_until_listening(capture: subprocess.Popen[bytes], timeout: float = 15) 
         if not chunk:
             raise AssertionError(f"tcpdump did not start: {seen.decode()}")
         seen += chunk
+
+
+def read_until(capture: subprocess.Popen[bytes], needle: bytes, timeout: float = 15) -> bytes:
+    """Read a capture's stdout until ``needle`` appears; return all read so far.
+
+    tcpdump prints packets in the order it saw them, so once a marker packet sent
+    after the traffic under test is printed, every earlier packet is printed too:
+    the capture can stop then, with no guess at how long printing takes."""
+    assert capture.stdout is not None
+    fd = capture.stdout.fileno()  # raw, as in wait_until_listening
+    deadline = time.monotonic() + timeout
+    seen = b""
+    while needle not in seen:
+        remaining = deadline - time.monotonic()
+        ready, _, _ = select.select([fd], [], [], max(remaining, 0))
+        chunk = os.read(fd, 65536) if ready else b""
+        if not chunk:
+            raise AssertionError(f"the capture never showed {needle!r}; it saw: {seen.decode()}")
+        seen += chunk
+    return seen

@@ -1,11 +1,10 @@
 """The mesh end to end in eBPF mode: the same lab, ``trellis lab up --redirect ebpf``.
 
-This module brings up its own lab (prefix ``tlab-ebpf-``, its own directory) and
-re-runs the foundation and authorization tests against it: they are imported
-below, so pytest collects them here too, where ``lab`` is this module's eBPF
-lab. Then the points only eBPF mode has: no netfilter rules in pods, pins that
-survive an agent SIGKILL without duplicates, and a ``lab down`` that leaves no
-program, link or pin behind.
+The lab is tests/e2e/conftest.py's ``lab`` in its ``ebpf`` mode (prefix
+``tlab-ebpf-``, its own directory); the foundation and authorization tests marked
+``lab_modes("iptables", "ebpf")`` run against it too. Here are the points only
+eBPF mode has: no netfilter rules in pods, pins that survive an agent SIGKILL
+without duplicates, and a ``lab down`` that leaves no program, link or pin behind.
 """
 
 from __future__ import annotations
@@ -14,51 +13,18 @@ import json
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.labctl import LAB_DIR, LAB_PREFIX, curl_json, eventually, in_netns, pod, status
+from tests.e2e.labctl import LAB_DIR, curl_json, eventually, in_netns, pod, status
 from tests.e2e.labctl import trellis as _trellis
-from tests.e2e.test_mesh import (  # noqa: F401 - collected here, against the eBPF lab
-    test_cross_node_by_pod_ip_keeps_source_ip,
-    test_cross_node_through_service_vip,
-    test_destination_metrics_show_mutual_tls,
-    test_new_connections_flow_while_the_agent_is_down_and_after,
-    test_unenrolled_pods_use_plain_tcp_both_ways,
-    test_uplink_carries_only_tls_to_15008,
-)
-from tests.e2e.test_policy import (  # noqa: F401
-    applied,
-    test_allow_policy_admits_only_its_principal,
-    test_denials_show_in_metrics,
-    test_new_deny_closes_live_connection,
-    test_strict_mtls_stops_plaintext_only,
-)
 
-pytestmark = pytest.mark.e2e
+# The eBPF lab, from conftest.py's ``lab``; the foundation and authorization tests
+# that hold in both modes say so in test_mesh.py and test_policy.py.
+pytestmark = [pytest.mark.e2e, pytest.mark.lab_modes("ebpf")]
 
-PREFIX = "tlab-ebpf-"
 BPF_ROOT = Path("/sys/fs/bpf/trellis/tlab-ebpf")
-
-
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    saved = {k: os.environ.get(k) for k in (LAB_DIR, LAB_PREFIX)}
-    os.environ[LAB_DIR] = str(tmp_path_factory.mktemp("ebpf-lab"))
-    os.environ[LAB_PREFIX] = PREFIX
-    _trellis("lab", "down")
-    try:
-        _trellis("lab", "up", "--redirect", "ebpf", timeout=240)
-        yield status()
-    finally:
-        _trellis("lab", "down")
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _pod_cgroup(name: str) -> str:
@@ -136,7 +102,8 @@ def test_agent_sigkill_and_restart_keeps_redirection_without_duplicates(lab: dic
     assert _pins() == pins
 
 
-def test_zz_lab_down_leaves_no_program_link_or_pin(lab: dict) -> None:
+@pytest.mark.lab_teardown
+def test_lab_down_leaves_no_program_link_or_pin(lab: dict) -> None:
     cgroups = [_pod_cgroup(p["name"]) for p in status()["pods"] if p["enrolled"]]
     prog_ids = {i for c in cgroups for i, _t in _cgroup_progs(c)}
     assert prog_ids

@@ -7,14 +7,15 @@ acceptance point as a user would try it.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from lab import nsenter
 from tests.e2e.labctl import (
     curl_json,
     eventually,
@@ -22,6 +23,7 @@ from tests.e2e.labctl import (
     node_metrics,
     node_netns,
     pod,
+    read_until,
     status,
     trellis,
     wait_until_listening,
@@ -45,6 +47,7 @@ def _samples(metrics_text: str, name: str) -> list[dict[str, str]]:
     return found
 
 
+@pytest.mark.lab_modes("iptables", "ebpf")
 def test_cross_node_by_pod_ip_keeps_source_ip(lab: dict) -> None:
     backend2, frontend1 = pod("backend-2"), pod("frontend-1")
     answer = curl_json("frontend-1", f"http://{backend2['ip']}:8080/")
@@ -52,6 +55,7 @@ def test_cross_node_by_pod_ip_keeps_source_ip(lab: dict) -> None:
     assert answer["peer"].split(":")[0] == frontend1["ip"]
 
 
+@pytest.mark.lab_modes("iptables", "ebpf")
 def test_cross_node_through_service_vip(lab: dict) -> None:
     vip = next(s["vip"] for s in lab["services"] if s["name"] == "backend")
     frontend1 = pod("frontend-1")
@@ -63,22 +67,31 @@ def test_cross_node_through_service_vip(lab: dict) -> None:
     assert seen == {"backend-1", "backend-2"}
 
 
+@pytest.mark.lab_modes("iptables", "ebpf")
 def test_uplink_carries_only_tls_to_15008(lab: dict, tmp_path: Path) -> None:
     from scapy.all import IP, TCP, Raw, rdpcap  # scapy is slow to import: only here
 
     node1 = _node(lab, "node-1")
     marker = f"trellis-marker-{uuid.uuid4().hex}"
     pcap = tmp_path / "uplink.pcap"
+    # The TCP under test, and one UDP datagram sent after it to node-2's discard
+    # port: the capture ends once tcpdump has printed that one, and as it prints
+    # (and writes) in order, every packet of the request is in the file by then.
+    node2 = _node(lab, "node-2")
     capture = subprocess.Popen(
         ["ip", "netns", "exec", node1["netns"], "tcpdump", "-i", node1["uplink"], "-U", "-n",
-         "-s", "0", "-w", str(pcap), "tcp"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+         "-l", "-s", "0", "-w", str(pcap), "--print",
+         f"tcp or (udp and dst host {node2['address']} and dst port 9)"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         wait_until_listening(capture)
         backend2 = pod("backend-2")
         answer = curl_json("frontend-1", f"http://{backend2['ip']}:8080/{marker}",
                            "-H", f"X-Marker: {marker}", "--data", marker)
         assert marker in answer["path"]  # the app saw it, so it did cross the uplink
-        time.sleep(0.5)
+        with nsenter.socket_in(node1["netns"], socket.SOCK_DGRAM) as end:
+            end.sendto(b"end of capture", (node2["address"], 9))
+        read_until(capture, f" > {node2['address']}.9: UDP".encode())
     finally:
         capture.terminate()
         _, capture_errors = capture.communicate(timeout=10)
@@ -94,6 +107,7 @@ def test_uplink_carries_only_tls_to_15008(lab: dict, tmp_path: Path) -> None:
     assert b"\x17\x03\x03" in payloads
 
 
+@pytest.mark.lab_modes("iptables", "ebpf")
 def test_destination_metrics_show_mutual_tls(lab: dict) -> None:
     backend2 = pod("backend-2")
     curl_json("frontend-1", f"http://{backend2['ip']}:8080/")
@@ -109,6 +123,7 @@ def test_destination_metrics_show_mutual_tls(lab: dict) -> None:
     eventually(reported, timeout=5)
 
 
+@pytest.mark.lab_modes("iptables", "ebpf")
 def test_unenrolled_pods_use_plain_tcp_both_ways(lab: dict) -> None:
     legacy1, backend2, frontend1 = pod("legacy-1"), pod("backend-2"), pod("frontend-1")
     assert legacy1["enrolled"] is False
@@ -217,6 +232,7 @@ def _gone(pid: int) -> bool:
     return False
 
 
+@pytest.mark.lab_modes("iptables", "ebpf")
 def test_new_connections_flow_while_the_agent_is_down_and_after(lab: dict) -> None:
     import signal
 

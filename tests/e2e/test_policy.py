@@ -20,6 +20,7 @@ from tests.e2e.labctl import (
     in_netns,
     node_netns,
     pod,
+    read_until,
     trellis,
     wait_until_listening,
 )
@@ -113,34 +114,43 @@ def _proxy_log(node: str) -> str:
     return (Path(os.environ["TRELLIS_LAB_DIR"]) / "logs" / f"proxy-{node}.log").read_text()
 
 
-def _app_syns_during(pod_ns: str, action) -> int:  # type: ignore[no-untyped-def]
-    """Count TCP SYNs to the app port on the pod's loopback while ``action`` runs.
+def _denied_syns_during(dst: dict, denied: Callable[[], None], allowed_src: str) -> int:
+    """Count TCP SYNs to the app port on the pod's loopback from ``denied()``.
 
     The proxy reaches the app over the pod's ``lo``; a denied connection must
-    never get that far.
+    never get that far. The positive control runs in the same capture: a request
+    from ``allowed_src`` must show as a SYN, identified by the source port the
+    app reports, or the count means nothing. It also ends the capture: tcpdump
+    prints in order, so once the control is printed, the denied attempts are too.
     """
     capture = subprocess.Popen(
-        ["ip", "netns", "exec", pod_ns, "tcpdump", "-i", "lo", "-n", "-l", "-U",
+        ["ip", "netns", "exec", dst["netns"], "tcpdump", "-i", "lo", "-n", "-l", "-U",
          "tcp dst port 8080 and tcp[tcpflags] & tcp-syn != 0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         wait_until_listening(capture)
-        action()
-        time.sleep(0.5)
+        denied()
+        peer_ip, peer_port = curl_json(allowed_src, f"http://{dst['ip']}:8080/")["peer"].split(":")
+        control = f"IP {peer_ip}.{peer_port} > ".encode()
+        out = read_until(capture, control)
     finally:
         capture.terminate()
-        out, _ = capture.communicate(timeout=10)
-    return sum(1 for line in out.decode().splitlines() if "IP " in line)
+        capture.communicate(timeout=10)
+    syns = [line for line in out.decode().splitlines() if "IP " in line]
+    return sum(1 for line in syns if f"IP {peer_ip}.{peer_port} > " not in line)
 
 
+@pytest.mark.lab_modes("iptables", "ebpf")
 def test_allow_policy_admits_only_its_principal(lab: dict, tmp_path: Path,
                                                 applied: list[Path]) -> None:
     backend2 = pod("backend-2")
     _apply(applied, tmp_path, "allow.yaml", ALLOW_FRONTEND)
     eventually(lambda: not _reaches("backend-1", backend2["ip"]), timeout=5)
     assert _reaches("frontend-1", backend2["ip"])
-    syns = _app_syns_during(backend2["netns"],
-                            lambda: _reaches("backend-1", backend2["ip"]))
+    def denied() -> None:
+        assert not _reaches("backend-1", backend2["ip"])
+
+    syns = _denied_syns_during(backend2, denied, allowed_src="frontend-1")
     assert syns == 0, "a denied connection reached the app"
     denials = [json.loads(line) for line in _proxy_log("node-2").splitlines()
                if '"denied: no_allow_match"' in line]
@@ -151,6 +161,7 @@ def test_allow_policy_admits_only_its_principal(lab: dict, tmp_path: Path,
     eventually(lambda: _reaches("backend-1", backend2["ip"]), timeout=5)
 
 
+@pytest.mark.lab_modes("iptables", "ebpf")
 def test_strict_mtls_stops_plaintext_only(lab: dict, tmp_path: Path,
                                           applied: list[Path]) -> None:
     backend2 = pod("backend-2")
@@ -177,6 +188,7 @@ print("closed", time.monotonic(), flush=True)
 """
 
 
+@pytest.mark.lab_modes("iptables", "ebpf")
 def test_new_deny_closes_live_connection(lab: dict, tmp_path: Path,
                                          applied: list[Path]) -> None:
     backend2 = pod("backend-2")
@@ -328,6 +340,7 @@ def test_a_never_valid_allow_denies_its_workloads(
     assert denials and denials[-1]["policy"] == "demo/allow-8080"
 
 
+@pytest.mark.lab_modes("iptables", "ebpf")
 def test_denials_show_in_metrics(lab: dict, tmp_path: Path,
                                            applied: list[Path]) -> None:
     backend2 = pod("backend-2")

@@ -1,4 +1,7 @@
-"""Last in the session: `lab down` leaves nothing behind, and `lab up` works again."""
+"""`lab down` leaves nothing behind, and `lab up` works again.
+
+It takes the shared lab down, so it is marked ``lab_teardown``: conftest.py runs
+it after every other test of its lab, whatever this file is called."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from tests.e2e.labctl import E2E_PREFIX, curl_json, pod, trellis
 pytestmark = pytest.mark.e2e
 
 
+@pytest.mark.lab_teardown
 def test_down_leaves_nothing_and_up_works_again(lab: dict) -> None:
     lab_dir = Path(os.environ["TRELLIS_LAB_DIR"])
     pids = [int(p.read_text()) for p in (lab_dir / "pids").glob("*.pid")]
