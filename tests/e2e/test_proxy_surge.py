@@ -76,6 +76,7 @@ def _command_of(pid: int) -> tuple[list[str], dict[bytes, bytes]]:
     return [a.decode() for a in argv], env
 
 
+@pytest.mark.lab_modes("iptables", "ebpf")  # eBPF: both proxies' cgroups answer getsockopt
 def test_a_proxy_upgrade_surges_and_no_connection_fails(lab: dict, tmp_path: Path) -> None:
     lab_dir = Path(os.environ["TRELLIS_LAB_DIR"])
     netns = node_netns("node-2")
