@@ -755,12 +755,23 @@ class _HboneServerConnection(_HboneConnection):
         self._metrics = metrics
         # CONNECT handlers in flight, by stream id. h2 frees a stream's slot when the
         # stream closes, but its handler may still be running: the bound is here.
-        self._max_handlers = max_streams
+        # Twice the stream limit: the peer's pool reuses a slot as soon as it sees the
+        # stream end, while our handler may still be finishing; at exactly the limit
+        # that new stream was refused (REFUSED_STREAM) and the app's connection reset
+        # (seen in the rotation-under-load test). h2 still caps open streams at
+        # max_streams, so only finishing handlers use the slack.
+        self._max_handlers = 2 * max_streams
         self._handlers: dict[int, tuple[asyncio.Task[None], InboundRequest]] = {}
 
     @property
     def handlers_in_flight(self) -> int:
         return len(self._handlers)
+
+    def drain(self) -> None:
+        """Graceful GOAWAY: the streams in flight finish, the peer opens new ones
+        elsewhere (its pool takes another connection, e.g. to a newer proxy)."""
+        self._proto.drain()
+        self._flush()
 
     def _on_connect(self, event: hbone.ConnectRequested) -> None:
         stream_id = event.stream_id
@@ -858,6 +869,11 @@ class HboneListener:
         """End every tunnel this listener accepted (their streams are reset)."""
         for connection in list(self._connections):
             connection.abort()
+
+    def drain_connections(self) -> None:
+        """GOAWAY every tunnel this listener accepted; their open streams carry on."""
+        for connection in list(self._connections):
+            connection.drain()
 
     def is_serving(self) -> bool:
         return not self._accepting.done()

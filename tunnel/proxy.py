@@ -137,6 +137,10 @@ class Proxy:
         for servers in self._servers.values():
             for server in servers:
                 server.close()
+                if isinstance(server, HboneListener):
+                    # Peers' pooled tunnels would otherwise keep bringing new
+                    # streams here until the drain ends and resets them.
+                    server.drain_connections()
 
     async def close(self) -> None:
         if self._sweeping is not None:
