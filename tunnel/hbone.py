@@ -793,6 +793,13 @@ class _HboneProtocol:
         except h2.exceptions.StreamClosedError:
             self._forget(stream)  # the peer reset it first; nothing left to end
             return
+        except h2.exceptions.ProtocolError:
+            if self._h2.state_machine.state is not h2.connection.ConnectionState.CLOSED:
+                raise
+            # The peer's GOAWAY closed the connection (fuzz_hbone_client): no frame
+            # can be sent any more, so there is nothing left to end.
+            self._forget(stream)
+            return
         self._pull_h2()
         stream.sending = False
         stream.local_ended = True

@@ -316,3 +316,21 @@ def test_the_first_error_goaway_is_the_last_event_of_a_read() -> None:
     goaway_again = first[:-4] + ErrorCodes.PROTOCOL_ERROR.to_bytes(4, "big")
     events = server.receive_data(first + goaway_again)
     assert events == [hbone.ConnectionTerminated(ErrorCodes.INTERNAL_ERROR, "", 0)]
+
+
+def test_ending_a_stream_after_an_error_goaway_raises_nothing_of_h2s() -> None:
+    """fuzz_hbone_client: the peer ends a stream and sends an error GOAWAY in one read;
+    our end_stream for it then raised h2's ProtocolError (connection CLOSED) instead
+    of leaving nothing to do on a dead connection."""
+    client, raw, sid = _client_and_raw()
+    raw.send_headers(sid, [(":status", "200")])
+    client.receive_data(raw.data_to_send())
+    raw.end_stream(sid)
+    raw.close_connection(ErrorCodes.PROTOCOL_ERROR)
+    events = client.receive_data(raw.data_to_send())
+    assert any(isinstance(e, hbone.StreamEnded) for e in events)  # positive control
+    assert client.is_terminated
+    try:
+        client.end_stream(sid)
+    except hbone.LocalProtocolError:
+        pass  # refused in our own terms is fine too
