@@ -7,6 +7,7 @@ control: the same listener still serves a well-behaved client.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import ssl
@@ -495,7 +496,7 @@ def test_the_pool_opens_another_connection_past_its_stream_cap(
 
 def test_a_bug_in_the_core_closes_that_connection_only(
         frontend_bundle: CertBundle, backend_bundle: CertBundle,
-        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """Fail closed: an exception the core should never raise drops the connection it
     came from (logged with its traceback), not the listener or the loop."""
     original = hbone.HboneServerProtocol.receive_data
@@ -507,8 +508,18 @@ def test_a_bug_in_the_core_closes_that_connection_only(
         return original(self, data)
 
     monkeypatch.setattr(hbone.HboneServerProtocol, "receive_data", broken)
-    # The line is rate-limited per process: an earlier test may have used this key.
-    monkeypatch.setattr(hbone_io, "_peer_log", RateLimitedLog(hbone_io.log))
+    # The line is rate-limited per process (an earlier test may have used this key),
+    # and an earlier test that ran a CLI in process replaced the root logger's
+    # handlers (trellis/logging.py), caplog's among them: capture on a logger of
+    # the test's own.
+    captured: list[logging.LogRecord] = []
+    own = logging.getLogger("tests.tunnel.core-bug")
+    own.propagate = False
+    own.setLevel(logging.DEBUG)
+    handler = logging.Handler()
+    handler.emit = captured.append  # type: ignore[method-assign]
+    own.addHandler(handler)
+    monkeypatch.setattr(hbone_io, "_peer_log", RateLimitedLog(own))
 
     async def main() -> None:
         nonlocal armed
@@ -518,7 +529,7 @@ def test_a_bug_in_the_core_closes_that_connection_only(
             with pytest.raises(TunnelClosed):
                 await conn.open_stream("127.0.0.1:9", [])
             await asyncio.wait_for(conn.wait_closed(), 5)
-            [record] = [r for r in caplog.records if "HBONE core failed" in r.getMessage()]
+            [record] = [r for r in captured if "HBONE core failed" in r.getMessage()]
             assert "KeyError: 'a bug'" in record.fields["traceback"]  # type: ignore[attr-defined]
             armed = False
             again = await env.connect()  # positive control: the listener serves on
