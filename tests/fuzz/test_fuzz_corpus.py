@@ -9,13 +9,23 @@ that raises only its own errors must come out clean.
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import harness
 import pytest
 
 pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(autouse=True)
+def _logging_enabled_afterwards() -> Iterator[None]:
+    """harness.main() turns logging off for its process (refusal logs are not its
+    output); called in process here, it must not silence every later test's logs."""
+    yield
+    logging.disable(logging.NOTSET)
 
 TARGETS = harness.discover()
 # A few seconds per target keeps all of them under a minute in `make test`.
